@@ -1,0 +1,86 @@
+//! Sample consumer: settles one order message.
+//!
+//! - A body that is not a valid order is poison: `reject`, so it is dead-lettered
+//!   at once instead of being retried ten times.
+//! - An order that holds the SKU named by config `transient-sku` fails with
+//!   `retry` until its delivery count exceeds `transient-attempts` (default 2):
+//!   a stand-in for a flaky downstream, so retry-then-success is observable.
+//! - Otherwise the order is accepted; if config `forward-binding` is set, a
+//!   summary (`{"order","customer","total_cents","version"}`) is sent there.
+//! - A body sent as raw bytes (content type `application/octet-stream`) is
+//!   accepted as-is and, when forwarding, passed on unchanged.
+
+use exports::wasm_pc::app::consume::{ConsumeError, Guest, Message};
+use guest_orders::Order;
+use wasm_pc::app::log::{Level, log};
+use wasm_pc::app::types::OutboundMessage;
+use wasm_pc::app::{config, outbound};
+
+wit_bindgen::generate!({ world: "consumer", path: "../wit" });
+
+struct Consumer;
+
+impl Guest for Consumer {
+    fn handle(message: Message) -> Result<(), ConsumeError> {
+        if message.content_type.as_deref() == Some("application/octet-stream") {
+            return forward(&message.id, message.body, message.content_type);
+        }
+        let order = Order::parse(&message.body).map_err(|e| ConsumeError::Reject(e.to_string()))?;
+        let total = order
+            .total_cents()
+            .ok_or_else(|| ConsumeError::Reject(format!("order {}: total overflows", order.id)))?;
+
+        if let Some(sku) = config::get("transient-sku") {
+            let attempts = config::get("transient-attempts")
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(2);
+            let delivery = message.delivery_count.unwrap_or(1);
+            if order.items.iter().any(|i| i.sku == sku) && delivery <= attempts {
+                return Err(ConsumeError::Retry(format!(
+                    "order {}: SKU {sku} is temporarily unavailable (delivery {delivery} of {attempts} failing)",
+                    order.id
+                )));
+            }
+        }
+
+        log(
+            Level::Info,
+            "order accepted",
+            &[
+                ("order".to_string(), order.id.clone()),
+                ("customer".to_string(), order.customer.clone()),
+                ("total_cents".to_string(), total.to_string()),
+            ],
+        );
+        let summary = serde_json::json!({
+            "order": order.id,
+            "customer": order.customer,
+            "total_cents": total,
+            "version": config::get("version"),
+        });
+        forward(
+            &order.id,
+            summary.to_string().into_bytes(),
+            Some("application/json".to_string()),
+        )
+    }
+}
+
+/// Sends `body` to the configured forward binding, if any. A failed send is
+/// worth a retry: the order itself was fine.
+fn forward(id: &str, body: Vec<u8>, content_type: Option<String>) -> Result<(), ConsumeError> {
+    let Some(binding) = config::get("forward-binding") else {
+        return Ok(());
+    };
+    let message = OutboundMessage {
+        id: Some(format!("{id}-processed")),
+        body,
+        content_type,
+        metadata: vec![("source-message".to_string(), id.to_string())],
+    };
+    outbound::send(&binding, &message)
+        .map(|_| ())
+        .map_err(|e| ConsumeError::Retry(format!("forwarding to {binding} failed: {e:?}")))
+}
+
+export!(Consumer);

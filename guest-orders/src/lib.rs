@@ -1,0 +1,195 @@
+//! The order model shared by the sample producer and consumer.
+//!
+//! Kept free of WIT bindings so it can be unit-tested natively and linked into
+//! either component without dragging the other world's exports along.
+
+use serde::{Deserialize, Serialize};
+
+/// One order, as the producer receives it and the consumer reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Order {
+    /// Caller-chosen, unique per order; becomes the message id.
+    pub id: String,
+    pub customer: String,
+    pub items: Vec<Item>,
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub sku: String,
+    pub qty: u32,
+    /// Unit price in cents; integers keep totals exact.
+    pub price_cents: u64,
+}
+
+/// A batch: either a bare array of orders or `{"orders": [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Batch {
+    Bare(Vec<serde_json::Value>),
+    Wrapped { orders: Vec<serde_json::Value> },
+}
+
+/// Why an order or a batch is not acceptable. The text is shown to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Position in the batch, when the problem is one order's.
+    pub index: Option<usize>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(i) => write!(f, "order {i}: {}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
+/// Largest batch the producer accepts; bigger ones are a caller bug, not load.
+pub const MAX_BATCH: usize = 1000;
+
+impl Order {
+    /// Parses and validates one order from a message body.
+    pub fn parse(body: &[u8]) -> Result<Order, Invalid> {
+        let order: Order = serde_json::from_slice(body).map_err(|e| Invalid {
+            index: None,
+            reason: format!("not a valid order: {e}"),
+        })?;
+        order.validate().map_err(|reason| Invalid {
+            index: None,
+            reason,
+        })?;
+        Ok(order)
+    }
+
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id.trim().is_empty() {
+            return Err("id must not be empty".into());
+        }
+        if self.id.len() > 128 {
+            return Err("id must be at most 128 bytes".into());
+        }
+        if self.customer.trim().is_empty() {
+            return Err("customer must not be empty".into());
+        }
+        if self.items.is_empty() {
+            return Err("items must not be empty".into());
+        }
+        for (i, item) in self.items.iter().enumerate() {
+            if item.sku.trim().is_empty() {
+                return Err(format!("items[{i}].sku must not be empty"));
+            }
+            if item.qty == 0 {
+                return Err(format!("items[{i}].qty must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Order total in cents, or `None` on overflow (which validation of a real
+    /// shop would reject; here it is reported as poison).
+    pub fn total_cents(&self) -> Option<u64> {
+        self.items.iter().try_fold(0u64, |acc, item| {
+            item.price_cents
+                .checked_mul(u64::from(item.qty))
+                .and_then(|line| acc.checked_add(line))
+        })
+    }
+}
+
+/// Parses a batch and validates every order; all or nothing.
+pub fn parse_batch(body: &[u8]) -> Result<Vec<Order>, Invalid> {
+    let batch: Batch = serde_json::from_slice(body).map_err(|e| Invalid {
+        index: None,
+        reason: format!("body is not a JSON array of orders or {{\"orders\": [...]}}: {e}"),
+    })?;
+    let values = match batch {
+        Batch::Bare(v) | Batch::Wrapped { orders: v } => v,
+    };
+    if values.is_empty() {
+        return Err(Invalid {
+            index: None,
+            reason: "the batch has no orders".into(),
+        });
+    }
+    if values.len() > MAX_BATCH {
+        return Err(Invalid {
+            index: None,
+            reason: format!(
+                "the batch has {} orders; at most {MAX_BATCH} are accepted",
+                values.len()
+            ),
+        });
+    }
+    let mut orders = Vec::with_capacity(values.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for (index, value) in values.into_iter().enumerate() {
+        let order: Order = serde_json::from_value(value).map_err(|e| Invalid {
+            index: Some(index),
+            reason: e.to_string(),
+        })?;
+        order.validate().map_err(|reason| Invalid {
+            index: Some(index),
+            reason,
+        })?;
+        if !seen.insert(order.id.clone()) {
+            return Err(Invalid {
+                index: Some(index),
+                reason: format!("duplicate id {:?}", order.id),
+            });
+        }
+        orders.push(order);
+    }
+    Ok(orders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_and_wrapped_batches_parse_alike() {
+        let one = r#"{"id":"a","customer":"c","items":[{"sku":"s","qty":2,"price_cents":150}]}"#;
+        let bare = parse_batch(format!("[{one}]").as_bytes()).map_err(|e| e.to_string());
+        let wrapped =
+            parse_batch(format!("{{\"orders\":[{one}]}}").as_bytes()).map_err(|e| e.to_string());
+        assert_eq!(bare, wrapped);
+        assert_eq!(bare.map(|o| o[0].total_cents()), Ok(Some(300)));
+    }
+
+    #[test]
+    fn the_bad_order_is_named_by_index() {
+        let body = br#"[{"id":"a","customer":"c","items":[{"sku":"s","qty":1,"price_cents":1}]},
+                        {"id":"b","customer":"c","items":[]}]"#;
+        let err = parse_batch(body).err().map(|e| (e.index, e.reason));
+        assert_eq!(err, Some((Some(1), "items must not be empty".to_string())));
+    }
+
+    #[test]
+    fn duplicates_and_empty_batches_are_refused() {
+        let one = r#"{"id":"a","customer":"c","items":[{"sku":"s","qty":1,"price_cents":1}]}"#;
+        assert!(parse_batch(format!("[{one},{one}]").as_bytes()).is_err());
+        assert!(parse_batch(b"[]").is_err());
+        assert!(parse_batch(b"{").is_err());
+    }
+
+    #[test]
+    fn overflowing_totals_are_detected() {
+        let order = Order {
+            id: "x".into(),
+            customer: "c".into(),
+            items: vec![Item {
+                sku: "s".into(),
+                qty: u32::MAX,
+                price_cents: u64::MAX,
+            }],
+        };
+        assert_eq!(order.total_cents(), None);
+    }
+}

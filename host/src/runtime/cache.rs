@@ -1,0 +1,130 @@
+//! Precompiled-component cache, so a restart skips compilation.
+//!
+//! An entry is keyed by the module's SHA-256 and the engine's compatibility
+//! hash (wasmtime version, target, settings), and stores a checksum of the
+//! artifact ahead of it. An entry that is truncated, corrupt or from another
+//! engine is ignored, removed and rebuilt, never deserialized on trust.
+//!
+//! Deserializing an artifact runs native code it contains: the cache
+//! directory must be writable by the host alone (it is created 0700).
+
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+const MAGIC: &[u8; 8] = b"WPCART01";
+const HEADER: usize = MAGIC.len() + 32;
+
+/// Whether a load was served from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Deserialized from a valid entry.
+    Hit,
+    /// Compiled, and an entry written (or no cache configured).
+    Miss,
+    /// An entry existed but was unusable; it was replaced.
+    Rebuilt,
+}
+
+/// A directory of precompiled components.
+#[derive(Debug, Clone)]
+pub struct ArtifactCache {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+impl ArtifactCache {
+    /// Opens (and creates) the cache directory for `engine`.
+    pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(ArtifactCache {
+            dir: dir.to_path_buf(),
+            engine_key: format!("{:016x}", hasher.finish()),
+        })
+    }
+
+    /// Where the entry for a module with this hash lives.
+    pub fn path_for(&self, module_hash: &[u8; 32]) -> PathBuf {
+        self.dir.join(format!(
+            "{}-{}.cwasm",
+            hex::encode(module_hash),
+            self.engine_key
+        ))
+    }
+
+    /// Loads a valid entry, if any. `Err` carries why an existing entry was
+    /// refused (it has been removed).
+    pub fn load(
+        &self,
+        engine: &Engine,
+        module_hash: &[u8; 32],
+    ) -> Result<Option<Component>, String> {
+        let path = self.path_for(module_hash);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("unreadable: {e}")),
+        };
+        let result = Self::verify(&bytes).and_then(|artifact| {
+            // SAFETY: the artifact was written by this host into a directory only it
+            // may write (0700), and its checksum matches, so it is the output of
+            // `Component::serialize`; wasmtime checks its own header for engine
+            // compatibility and refuses a mismatch with an error.
+            unsafe { Component::deserialize(engine, artifact) }
+                .map_err(|e| format!("refused by wasmtime: {e}"))
+        });
+        match result {
+            Ok(component) => Ok(Some(component)),
+            Err(reason) => {
+                let _ = fs::remove_file(&path);
+                Err(reason)
+            }
+        }
+    }
+
+    fn verify(bytes: &[u8]) -> Result<&[u8], String> {
+        if bytes.len() < HEADER || &bytes[..MAGIC.len()] != MAGIC {
+            return Err("not a wasm-pc cache entry (bad header or truncated)".into());
+        }
+        let (sum, artifact) = bytes[MAGIC.len()..].split_at(32);
+        if Sha256::digest(artifact).as_slice() != sum {
+            return Err("checksum mismatch (truncated or corrupt)".into());
+        }
+        Ok(artifact)
+    }
+
+    /// Stores a compiled component; written to a temporary file and renamed,
+    /// so a crash never leaves a half-written entry under the real name.
+    pub fn store(&self, module_hash: &[u8; 32], component: &Component) -> anyhow::Result<()> {
+        let artifact = component.serialize()?;
+        let path = self.path_for(module_hash);
+        let mut tmp = tempfile_in(&self.dir)?;
+        tmp.1.write_all(MAGIC)?;
+        tmp.1.write_all(&Sha256::digest(&artifact))?;
+        tmp.1.write_all(&artifact)?;
+        tmp.1.sync_all()?;
+        fs::rename(&tmp.0, &path)?;
+        Ok(())
+    }
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, fs::File)> {
+    let path = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    Ok((path, file))
+}

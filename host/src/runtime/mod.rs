@@ -1,0 +1,456 @@
+//! The wasmtime side of the host: one engine, modules loaded and checked
+//! against their world, and invocations with limits.
+//!
+//! Every invocation gets a fresh `Store` and instance from a pre-linked
+//! `InstancePre`, so no state leaks between messages; the pooling allocator
+//! keeps that cheap. Wall time is bounded by epoch interruption (a ticker
+//! thread bumps the epoch; the store yields to tokio each tick and traps at its
+//! deadline), memory and tables by a store limiter. Every failure comes back as
+//! an [`InvokeError`] whose [`FailureKind`] the caller maps to retry, reject or
+//! an HTTP status.
+
+pub mod bindings;
+mod cache;
+pub mod limits;
+mod module;
+mod state;
+mod stdio;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
+
+pub use bindings::types::{ConsumeError, Message, Request, Response};
+pub use cache::{ArtifactCache, CacheStatus};
+pub use limits::{LimitExceeded, Limits, Resource};
+pub use module::{LoadError, LoadErrorKind, ModuleInfo, ModuleSpec, World};
+pub use state::HostState;
+
+use bindings::{ConsumerPre, ProducerPre};
+use state::GuestContext;
+
+use crate::outbound::Outbound;
+
+/// How often the epoch advances: the granularity of timeouts, and how often a
+/// running guest yields to other tasks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Extra time the outer timer allows over the epoch deadline, so that a guest
+/// spinning in wasm is stopped by the (precise) epoch trap.
+const TIMER_SLACK: Duration = Duration::from_millis(250);
+
+/// How a runtime is set up.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub limits: Limits,
+    /// Where precompiled components are kept; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+    /// Largest module file accepted, in bytes.
+    pub max_module_bytes: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            limits: Limits::default(),
+            cache_dir: None,
+            max_module_bytes: 4 << 20,
+        }
+    }
+}
+
+/// A loaded, linked module of one world, ready to instantiate.
+#[derive(Clone)]
+pub struct Module<P> {
+    pub info: Arc<ModuleInfo>,
+    pre: P,
+}
+
+/// A module checked against the consumer world.
+pub type ConsumerModule = Module<ConsumerPre<HostState>>;
+/// A module checked against the producer world.
+pub type ProducerModule = Module<ProducerPre<HostState>>;
+
+/// A module of either world, for tools that take whichever they are given.
+pub enum AnyModule {
+    Consumer(ConsumerModule),
+    Producer(ProducerModule),
+}
+
+impl AnyModule {
+    pub fn info(&self) -> &Arc<ModuleInfo> {
+        match self {
+            AnyModule::Consumer(m) => &m.info,
+            AnyModule::Producer(m) => &m.info,
+        }
+    }
+}
+
+/// The engine, its linker and limits. Share it behind an `Arc`.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    limits: Limits,
+    cache: Option<ArtifactCache>,
+    max_module_bytes: usize,
+}
+
+impl Runtime {
+    /// Builds the engine (component model, pooling allocator, epoch
+    /// interruption) and starts its epoch ticker.
+    pub fn new(options: RuntimeOptions) -> anyhow::Result<Runtime> {
+        let limits = options.limits;
+        let mut pool = PoolingAllocationConfig::new();
+        let slots = limits.max_concurrent;
+        let per_component = u32::try_from(limits.max_instances).unwrap_or(u32::MAX);
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(per_component.min(8)))
+            .max_core_instances_per_component(per_component)
+            .total_memories(slots)
+            .max_memories_per_component(1)
+            .total_tables(slots.saturating_mul(4))
+            .max_tables_per_component(per_component)
+            .total_stacks(slots)
+            .max_memory_size(limits.max_memory_bytes)
+            .table_elements(limits.max_table_elements)
+            // Keeping a little memory resident saves page faults on every
+            // instantiation; more than this costs RSS for little gain.
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(64 << 10);
+
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(limits.max_stack_bytes)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Consumer::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |s| s,
+        )?;
+
+        let cache = match &options.cache_dir {
+            Some(dir) => Some(ArtifactCache::open(dir, &engine).map_err(|e| {
+                anyhow::anyhow!("cannot use artifact cache directory {}: {e}", dir.display())
+            })?),
+            None => None,
+        };
+
+        spawn_epoch_ticker(&engine);
+        Ok(Runtime {
+            engine,
+            linker,
+            limits,
+            cache,
+            max_module_bytes: options.max_module_bytes,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Loads a consumer; refuses anything that is not one, saying why.
+    pub fn load_consumer(&self, spec: ModuleSpec) -> Result<ConsumerModule, LoadError> {
+        let (info, component) = self.compile(spec, World::Consumer)?;
+        let pre = self.link(&info.name, &component, ConsumerPre::new)?;
+        Ok(Module { info, pre })
+    }
+
+    /// Loads a producer; refuses anything that is not one, saying why.
+    pub fn load_producer(&self, spec: ModuleSpec) -> Result<ProducerModule, LoadError> {
+        let (info, component) = self.compile(spec, World::Producer)?;
+        let pre = self.link(&info.name, &component, ProducerPre::new)?;
+        Ok(Module { info, pre })
+    }
+
+    /// Loads a module for `world`; the verdict `wasm-pc check` gives.
+    pub fn load(&self, spec: ModuleSpec, world: World) -> Result<AnyModule, LoadError> {
+        match world {
+            World::Consumer => self.load_consumer(spec).map(AnyModule::Consumer),
+            World::Producer => self.load_producer(spec).map(AnyModule::Producer),
+        }
+    }
+
+    /// Compiles a module for `world` and writes its precompiled artifact
+    /// (the `compile` subcommand): what a cache would hold.
+    pub fn precompile(&self, spec: ModuleSpec, world: World) -> Result<Vec<u8>, LoadError> {
+        let name = spec.name.clone();
+        let (_, component) = self.compile(spec, world)?;
+        component.serialize().map_err(|e| LoadError {
+            module: name,
+            kind: LoadErrorKind::Compile(e.to_string()),
+        })
+    }
+
+    fn compile(
+        &self,
+        spec: ModuleSpec,
+        world: World,
+    ) -> Result<(Arc<ModuleInfo>, Component), LoadError> {
+        let fail = |kind| LoadError {
+            module: spec.name.clone(),
+            kind,
+        };
+        module::check_header(&spec.bytes, self.max_module_bytes).map_err(fail)?;
+        let hash = module::content_hash(&spec.bytes);
+        let (component, cache) = self.compile_cached(&spec, &hash).map_err(fail)?;
+        module::check_exports(&self.engine, &component, world).map_err(fail)?;
+        let guest = Arc::new(GuestContext {
+            label: module::label(&spec.name, spec.version.as_deref(), &hash),
+            config: Arc::new(spec.config),
+        });
+        let info = ModuleInfo {
+            name: spec.name,
+            world,
+            hash,
+            version: spec.version,
+            size: spec.bytes.len(),
+            cache,
+            guest,
+        };
+        tracing::info!(module = %info.label(), %world, bytes = info.size, cache = ?info.cache, "module loaded");
+        Ok((Arc::new(info), component))
+    }
+
+    fn compile_cached(
+        &self,
+        spec: &ModuleSpec,
+        hash: &[u8; 32],
+    ) -> Result<(Component, CacheStatus), LoadErrorKind> {
+        let compile = || {
+            Component::new(&self.engine, &spec.bytes)
+                .map_err(|e| LoadErrorKind::Compile(format!("{e:#}")))
+        };
+        let Some(cache) = &self.cache else {
+            return Ok((compile()?, CacheStatus::Miss));
+        };
+        let status = match cache.load(&self.engine, hash) {
+            Ok(Some(component)) => return Ok((component, CacheStatus::Hit)),
+            Ok(None) => CacheStatus::Miss,
+            Err(reason) => {
+                tracing::warn!(module = %spec.name, %reason, "ignoring unusable cache entry; recompiling");
+                CacheStatus::Rebuilt
+            }
+        };
+        let component = compile()?;
+        if let Err(e) = cache.store(hash, &component) {
+            tracing::warn!(module = %spec.name, error = %e, "could not write the artifact cache");
+        }
+        Ok((component, status))
+    }
+
+    fn link<P>(
+        &self,
+        name: &str,
+        component: &Component,
+        wrap: impl FnOnce(wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<P>,
+    ) -> Result<P, LoadError> {
+        let fail = |e: wasmtime::Error| LoadError {
+            module: name.to_string(),
+            kind: LoadErrorKind::Link(format!("{e:#}")),
+        };
+        let pre = self.linker.instantiate_pre(component).map_err(fail)?;
+        wrap(pre).map_err(fail)
+    }
+
+    fn new_store(&self, info: &ModuleInfo, outbound: Arc<dyn Outbound>) -> Store<HostState> {
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(Arc::clone(&info.guest), outbound, self.limits),
+        );
+        store.limiter(|s| &mut s.limiter);
+        let deadline = Instant::now() + self.limits.timeout;
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        store.set_epoch_deadline(1);
+        store
+    }
+
+    /// Hands one message to a consumer. The outer `Result` is the host's
+    /// verdict on the invocation, the inner one the guest's answer.
+    pub async fn consume(
+        &self,
+        module: &ConsumerModule,
+        message: &Message,
+        outbound: Arc<dyn Outbound>,
+    ) -> Result<Result<(), ConsumeError>, InvokeError> {
+        let mut store = self.new_store(&module.info, outbound);
+        let call = async {
+            let instance = module
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(Phase::Instantiate)?;
+            instance
+                .wasm_pc_app_consume()
+                .call_handle(&mut store, message)
+                .await
+                .map_err(Phase::Call)
+        };
+        let result = tokio::time::timeout(self.limits.timeout + TIMER_SLACK, call).await;
+        store.data().flush_output();
+        self.settle(&module.info, "handle", result)
+    }
+
+    /// Hands one request to a producer; its sends go to `outbound`.
+    pub async fn produce(
+        &self,
+        module: &ProducerModule,
+        request: &Request,
+        outbound: Arc<dyn Outbound>,
+    ) -> Result<Response, InvokeError> {
+        let mut store = self.new_store(&module.info, outbound);
+        let call = async {
+            let instance = module
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(Phase::Instantiate)?;
+            instance
+                .wasm_pc_app_produce()
+                .call_handle(&mut store, request)
+                .await
+                .map_err(Phase::Call)
+        };
+        let result = tokio::time::timeout(self.limits.timeout + TIMER_SLACK, call).await;
+        store.data().flush_output();
+        self.settle(&module.info, "handle", result)
+    }
+
+    fn settle<R>(
+        &self,
+        info: &ModuleInfo,
+        function: &'static str,
+        result: Result<Result<R, Phase>, tokio::time::error::Elapsed>,
+    ) -> Result<R, InvokeError> {
+        let kind = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Err(_) => FailureKind::Timeout(self.limits.timeout),
+            Ok(Err(phase)) => classify(phase, self.limits.timeout),
+        };
+        let error = InvokeError {
+            module: info.label().to_string(),
+            function,
+            kind,
+        };
+        tracing::warn!(%error, "invocation failed");
+        Err(error)
+    }
+}
+
+/// Where an invocation failed.
+enum Phase {
+    Instantiate(wasmtime::Error),
+    Call(wasmtime::Error),
+}
+
+fn classify(phase: Phase, timeout: Duration) -> FailureKind {
+    let (error, instantiating) = match phase {
+        Phase::Instantiate(e) => (e, true),
+        Phase::Call(e) => (e, false),
+    };
+    if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
+        return FailureKind::ResourceLimit {
+            resource: limit.resource,
+            detail: limit.to_string(),
+        };
+    }
+    if let Some(pool) = error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+        return FailureKind::ResourceLimit {
+            resource: Resource::Pool,
+            detail: pool.to_string(),
+        };
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return FailureKind::Timeout(timeout),
+        Some(Trap::StackOverflow) => {
+            return FailureKind::ResourceLimit {
+                resource: Resource::Stack,
+                detail: "call stack exhausted".into(),
+            };
+        }
+        _ => {}
+    }
+    if instantiating {
+        FailureKind::Instantiate(format!("{error:#}"))
+    } else {
+        FailureKind::Trap(trap_message(&error))
+    }
+}
+
+/// The trap's cause plus the innermost guest frame, without the full backtrace.
+fn trap_message(error: &wasmtime::Error) -> String {
+    let cause = error.root_cause().to_string();
+    let frame = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().first());
+    match frame.and_then(|f| f.func_name()) {
+        Some(func) => format!("{cause} (in {func})"),
+        None => cause,
+    }
+}
+
+/// Why an invocation did not produce the guest's answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{module} `{function}`: {kind}")]
+pub struct InvokeError {
+    /// The module's label (`name@version+hash`).
+    pub module: String,
+    pub function: &'static str,
+    pub kind: FailureKind,
+}
+
+/// The classes of failure a caller maps to retry, reject or an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum FailureKind {
+    /// The guest trapped: a panic, `unreachable`, an out-of-bounds access.
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The guest ran past its wall-time limit and was interrupted.
+    #[error("interrupted after the {0:?} time limit")]
+    Timeout(Duration),
+    /// The guest hit a memory, table, stack or instance limit, or the host is
+    /// at its concurrency limit.
+    #[error("{resource} limit reached: {detail}")]
+    ResourceLimit { resource: Resource, detail: String },
+    /// The module could not be instantiated.
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the epoch ticker; guest time limits will not be enforced");
+    }
+}

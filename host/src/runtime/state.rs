@@ -1,0 +1,170 @@
+//! Per-invocation store data and the host side of the guest imports
+//! (`outbound`, `log`, `config`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{config, log, outbound, types};
+use super::limits::{Limiter, Limits};
+use super::stdio::Captured;
+use crate::outbound::Outbound;
+
+/// Most log lines one invocation may write; a chatty guest cannot flood logs.
+const MAX_LOG_LINES: u32 = 1_000;
+/// Longest log message or field kept, in bytes.
+const MAX_LOG_FIELD: usize = 4 << 10;
+
+/// What an invocation's imports need to know about the module they serve.
+#[derive(Debug)]
+pub struct GuestContext {
+    /// `name@version`, put on every log line the guest causes.
+    pub label: String,
+    /// Read-only values from the deployment (`config` import).
+    pub config: Arc<BTreeMap<String, String>>,
+}
+
+/// The data of one store, that is of one invocation.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: Limiter,
+    guest: Arc<GuestContext>,
+    outbound: Arc<dyn Outbound>,
+    pub(super) stdout: Captured,
+    pub(super) stderr: Captured,
+    log_lines: u32,
+}
+
+impl HostState {
+    /// A fresh state with WASI granting nothing: no files, env, args or
+    /// sockets; stdout/stderr captured; random and clocks as WASI gives them.
+    pub fn new(guest: Arc<GuestContext>, outbound: Arc<dyn Outbound>, limits: Limits) -> Self {
+        let stdout = Captured::default();
+        let stderr = Captured::default();
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: Limiter::new(limits),
+            guest,
+            outbound,
+            stdout,
+            stderr,
+            log_lines: 0,
+        }
+    }
+
+    /// Writes the captured guest output to tracing.
+    pub fn flush_output(&self) {
+        self.stdout.drain_to_tracing(&self.guest.label, "stdout");
+        self.stderr.drain_to_tracing(&self.guest.label, "stderr");
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl outbound::Host for HostState {
+    async fn send(
+        &mut self,
+        binding: String,
+        mut message: types::OutboundMessage,
+    ) -> Result<String, types::SendError> {
+        if message.id.as_deref().is_none_or(str::is_empty) {
+            message.id = Some(uuid::Uuid::new_v4().to_string());
+        }
+        let outbound = Arc::clone(&self.outbound);
+        let result = outbound.send(&binding, message).await;
+        if let Err(error) = &result {
+            tracing::debug!(module = %self.guest.label, %binding, ?error, "guest send failed");
+        }
+        result
+    }
+}
+
+impl log::Host for HostState {
+    fn log(
+        &mut self,
+        level: log::Level,
+        message: String,
+        fields: Vec<(String, String)>,
+    ) -> wasmtime::Result<()> {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            if self.log_lines == MAX_LOG_LINES + 1 {
+                tracing::warn!(target: "guest", module = %self.guest.label, "more than {MAX_LOG_LINES} log lines in one invocation; the rest are dropped");
+            }
+            return Ok(());
+        }
+        let module = self.guest.label.as_str();
+        let message = clip(&message);
+        let fields = Fields(&fields);
+        match level {
+            log::Level::Trace => tracing::trace!(target: "guest", module, %fields, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "guest", module, %fields, "{message}"),
+            log::Level::Info => tracing::info!(target: "guest", module, %fields, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "guest", module, %fields, "{message}"),
+            log::Level::Error => tracing::error!(target: "guest", module, %fields, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl config::Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.guest.config.get(&key).cloned())
+    }
+
+    fn get_all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self
+            .guest
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+/// Guest-chosen key/value pairs, shown as `k=v k=v` in one tracing field
+/// (tracing field names must be static).
+struct Fields<'a>(&'a [(String, String)]);
+
+impl std::fmt::Display for Fields<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{}={:?}", clip(k), clip(v))?;
+        }
+        Ok(())
+    }
+}
+
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_LOG_FIELD {
+        return s;
+    }
+    let mut end = MAX_LOG_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

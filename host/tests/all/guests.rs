@@ -1,0 +1,66 @@
+//! The real guest components, built once per test run from the workspace's
+//! guest crates (as wasmtime's test-programs do), into their own target dir.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Where `cargo xtask guests` and these tests put the components.
+pub fn guest_dir() -> PathBuf {
+    workspace().join("target/guests/wasm32-wasip2/guest")
+}
+
+fn build() -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace())
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            "guest",
+            "--target",
+            "wasm32-wasip2",
+        ])
+        .args([
+            "-p",
+            "guest-consumer",
+            "-p",
+            "guest-producer",
+            "-p",
+            "test-guests",
+        ])
+        .env("CARGO_TARGET_DIR", workspace().join("target/guests"))
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building the guests failed ({status}); is the wasm32-wasip2 target installed?"
+        ));
+    }
+    Ok(guest_dir())
+}
+
+/// The bytes of a guest component: `consumer`, `producer` or `faulty`.
+pub fn bytes(which: &str) -> Vec<u8> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = match BUILT.get_or_init(build) {
+        Ok(dir) => dir,
+        Err(e) => panic!("{e}"),
+    };
+    let file = match which {
+        "consumer" => "guest_consumer.wasm",
+        "producer" => "guest_producer.wasm",
+        "faulty" => "test_guests.wasm",
+        other => panic!("no guest named {other}"),
+    };
+    std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"))
+}

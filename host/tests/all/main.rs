@@ -1,0 +1,5 @@
+//! Integration tests: one binary (as wasmtime does) to keep link time down.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod guests;
+mod runtime;

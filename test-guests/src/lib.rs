@@ -1,0 +1,87 @@
+//! A consumer that misbehaves on request, for the host's fault tests.
+//!
+//! The message body names the behaviour: `ok`, `retry`, `reject`, `trap`,
+//! `loop` (spins forever), `alloc` (grows memory without bound), `recurse`
+//! (recurses without bound), `log` (logs and writes to stdout/stderr),
+//! `send:<binding>` (sends the message id to `binding`), `config:<key>`
+//! (retries with the config value as its reason, so tests can read it).
+
+use exports::wasm_pc::app::consume::{ConsumeError, Guest, Message};
+use wasm_pc::app::log::{Level, log};
+use wasm_pc::app::types::OutboundMessage;
+use wasm_pc::app::{config, outbound};
+
+wit_bindgen::generate!({ world: "consumer", path: "../wit" });
+
+struct Misbehaving;
+
+impl Guest for Misbehaving {
+    fn handle(message: Message) -> Result<(), ConsumeError> {
+        let command = String::from_utf8_lossy(&message.body).into_owned();
+        match command.as_str() {
+            "ok" => Ok(()),
+            "retry" => Err(ConsumeError::Retry("asked to retry".into())),
+            "reject" => Err(ConsumeError::Reject("asked to reject".into())),
+            "trap" => std::process::abort(),
+            "loop" => spin(),
+            "alloc" => hoard(),
+            "recurse" => Ok(recurse(1).map(|_| ())?),
+            "log" => {
+                log(
+                    Level::Warn,
+                    "guest log line",
+                    &[("id".into(), message.id.clone())],
+                );
+                std::io::Write::write_all(&mut std::io::stdout(), b"to stdout\n").ok();
+                std::io::Write::write_all(&mut std::io::stderr(), b"to stderr\n").ok();
+                Ok(())
+            }
+            other => {
+                if let Some(binding) = other.strip_prefix("send:") {
+                    let out = OutboundMessage {
+                        id: None,
+                        body: message.id.into_bytes(),
+                        content_type: None,
+                        metadata: vec![],
+                    };
+                    return outbound::send(binding, &out)
+                        .map(|_| ())
+                        .map_err(|e| ConsumeError::Retry(format!("{e:?}")));
+                }
+                if let Some(key) = other.strip_prefix("config:") {
+                    return Err(ConsumeError::Retry(config::get(key).unwrap_or_default()));
+                }
+                Err(ConsumeError::Reject(format!("unknown command {other:?}")))
+            }
+        }
+    }
+}
+
+fn spin() -> ! {
+    let mut x: u64 = 0;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
+}
+
+fn hoard() -> Result<(), ConsumeError> {
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        // Touch every page so the memory is really used.
+        chunks.push(std::hint::black_box(vec![1u8; 1 << 20]));
+    }
+}
+
+/// Recursion whose frames live on the wasm call stack (no address-taken
+/// locals, so nothing goes to the shadow stack in linear memory): ends in the
+/// engine's stack-overflow trap.
+#[inline(never)]
+fn recurse(depth: u64) -> Result<u64, ConsumeError> {
+    if depth == u64::MAX {
+        return Ok(0);
+    }
+    let below = recurse(depth + 1)?;
+    Ok(below ^ depth.rotate_left(7))
+}
+
+export!(Misbehaving);
