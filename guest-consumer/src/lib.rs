@@ -7,6 +7,8 @@
 //!   a stand-in for a flaky downstream, so retry-then-success is observable.
 //! - Otherwise the order is accepted; if config `forward-binding` is set, a
 //!   summary (`{"order","customer","total_cents","version"}`) is sent there.
+//! - An order whose total is over config `max-order-cents` is rejected: a
+//!   business rule, so it goes to the dead-letter queue for a person to review.
 //! - A body sent as raw bytes (content type `application/octet-stream`) is
 //!   accepted as-is and, when forwarding, passed on unchanged.
 
@@ -30,6 +32,15 @@ impl Guest for Consumer {
             .total_cents()
             .ok_or_else(|| ConsumeError::Reject(format!("order {}: total overflows", order.id)))?;
 
+        if let Some(limit) = config::get("max-order-cents").and_then(|v| v.parse::<u64>().ok()) {
+            if total > limit {
+                return Err(ConsumeError::Reject(format!(
+                    "order {}: total {total} cents is over the credit limit of {limit}; needs manual review",
+                    order.id
+                )));
+            }
+        }
+
         if let Some(sku) = config::get("transient-sku") {
             let attempts = config::get("transient-attempts")
                 .and_then(|v| v.parse::<u32>().ok())
@@ -44,7 +55,7 @@ impl Guest for Consumer {
         }
 
         log(
-            Level::Info,
+            Level::Debug,
             "order accepted",
             &[
                 ("order".to_string(), order.id.clone()),

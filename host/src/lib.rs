@@ -11,5 +11,14 @@
 //! Guests see only the WIT worlds in `wit/`; the host's job is to give them
 //! messages and requests, and to settle what they answer.
 
+pub mod cli;
+pub mod dispatch;
+pub mod embedded;
+pub mod http;
+pub mod metrics;
+pub mod modules;
 pub mod outbound;
+pub mod queue;
 pub mod runtime;
+pub mod scale;
+pub mod shutdown;

@@ -1,0 +1,170 @@
+//! The command line: one binary, one subcommand per job.
+//!
+//! Every flag can also be set through the environment variable named in its
+//! help, so a Kubernetes manifest configures the host without a wrapper.
+
+mod dev;
+mod queue;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::modules::{ModuleSource, parse_pairs};
+use crate::runtime::{Limits, RuntimeOptions, World};
+
+/// Runs producer and consumer logic as WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "wasm-pc", version, about)]
+pub struct Cli {
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WASM_PC_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Embedded mode: producer, consumer and a durable SQLite queue in one process.
+    Dev(dev::DevArgs),
+    /// Inspect and repair the embedded queue database.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
+    /// Check a module against a world, as the host would when loading it.
+    Check(tools::CheckArgs),
+    /// Precompile a module for this host's engine.
+    Compile(tools::CompileArgs),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let result = match cli.command {
+        Command::Dev(args) => run_async(dev::run(args)),
+        Command::Queue(cmd) => queue::run(cmd),
+        Command::Check(args) => tools::check(args),
+        Command::Compile(args) => tools::compile(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(future: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_PC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Engine limits and the artifact cache.
+#[derive(Debug, Clone, Args)]
+struct RuntimeArgs {
+    /// Longest one invocation may run, in milliseconds.
+    #[arg(long, env = "WASM_PC_TIMEOUT_MS", default_value_t = 5_000)]
+    timeout_ms: u64,
+    /// Largest a guest's linear memory may grow, in MiB.
+    #[arg(long, env = "WASM_PC_MEMORY_MIB", default_value_t = 64)]
+    memory_mib: usize,
+    /// Most invocations running at once (pooling allocator slots).
+    #[arg(long, env = "WASM_PC_MAX_INSTANCES", default_value_t = 1_000)]
+    max_instances: u32,
+    /// Directory for precompiled modules; restarts skip compilation.
+    #[arg(long, env = "WASM_PC_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl RuntimeArgs {
+    fn options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            limits: Limits {
+                timeout: Duration::from_millis(self.timeout_ms),
+                max_memory_bytes: self.memory_mib << 20,
+                max_concurrent: self.max_instances,
+                ..Limits::default()
+            },
+            cache_dir: self.cache_dir.clone(),
+            ..RuntimeOptions::default()
+        }
+    }
+}
+
+/// Where modules come from and what they are told.
+#[derive(Debug, Clone, Args)]
+struct ModuleArgs {
+    /// Directory holding the modules (a ConfigMap mount in Kubernetes).
+    #[arg(long, env = "WASM_PC_MODULES_DIR", default_value = "target/modules")]
+    modules_dir: PathBuf,
+    /// File name of the producer module in the modules directory.
+    #[arg(long, env = "WASM_PC_PRODUCER_FILE", default_value = "producer.wasm")]
+    producer_file: String,
+    /// File name of the consumer module in the modules directory.
+    #[arg(long, env = "WASM_PC_CONSUMER_FILE", default_value = "consumer.wasm")]
+    consumer_file: String,
+    /// Config for the producer, `key=value` (repeat, or comma-separated in the env var).
+    #[arg(long = "producer-config", env = "WASM_PC_PRODUCER_CONFIG", value_delimiter = ',')]
+    producer_config: Vec<String>,
+    /// Config for the consumer, `key=value`.
+    #[arg(long = "consumer-config", env = "WASM_PC_CONSUMER_CONFIG", value_delimiter = ',')]
+    consumer_config: Vec<String>,
+    /// Version label of the producer, shown with its hash in logs and metrics.
+    #[arg(long, env = "WASM_PC_PRODUCER_VERSION")]
+    producer_version: Option<String>,
+    /// Version label of the consumer.
+    #[arg(long, env = "WASM_PC_CONSUMER_VERSION")]
+    consumer_version: Option<String>,
+}
+
+impl ModuleArgs {
+    fn source(&self, world: World) -> anyhow::Result<ModuleSource> {
+        let (file, config, version) = match world {
+            World::Producer => (&self.producer_file, &self.producer_config, &self.producer_version),
+            World::Consumer => (&self.consumer_file, &self.consumer_config, &self.consumer_version),
+        };
+        let mut source = ModuleSource::in_dir(&self.modules_dir, file, world);
+        source.config = parse_pairs(config.iter().map(String::as_str)).map_err(|e| anyhow::anyhow!("{world} config: {e}"))?;
+        source.version = version.clone();
+        Ok(source)
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
