@@ -32,13 +32,12 @@ impl Guest for Consumer {
             .total_cents()
             .ok_or_else(|| ConsumeError::Reject(format!("order {}: total overflows", order.id)))?;
 
-        if let Some(limit) = config::get("max-order-cents").and_then(|v| v.parse::<u64>().ok()) {
-            if total > limit {
-                return Err(ConsumeError::Reject(format!(
-                    "order {}: total {total} cents is over the credit limit of {limit}; needs manual review",
-                    order.id
-                )));
-            }
+        let limit = config::get("max-order-cents").and_then(|v| v.parse::<u64>().ok());
+        if let Some(limit) = limit.filter(|limit| total > *limit) {
+            return Err(ConsumeError::Reject(format!(
+                "order {}: total {total} cents is over the credit limit of {limit}; needs manual review",
+                order.id
+            )));
         }
 
         if let Some(sku) = config::get("transient-sku") {

@@ -26,9 +26,10 @@ pub type Body = Full<Bytes>;
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -65,7 +66,11 @@ impl BodyError {
 
 /// Reads a whole body, refusing more than `limit` bytes (declared or sent,
 /// chunked or not).
-pub async fn read_body(body: Incoming, declared: Option<u64>, limit: usize) -> Result<Bytes, BodyError> {
+pub async fn read_body(
+    body: Incoming,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge(limit));
     }
@@ -88,8 +93,12 @@ pub fn content_length<B>(request: &Request<B>) -> Option<u64> {
 /// Serves HTTP/1.1 on `listener` until `shutdown` turns true; then stops
 /// accepting and lets open connections finish their requests for up to
 /// `grace`.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, mut shutdown: watch::Receiver<bool>, grace: Duration)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -124,8 +133,14 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "connections still open after the grace period; closing them");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "connections still open after the grace period; closing them"
+        );
     }
 }
 
@@ -133,14 +148,22 @@ where
 pub fn failure_status(kind: &FailureKind) -> StatusCode {
     match kind {
         FailureKind::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        FailureKind::ResourceLimit { resource: Resource::Pool, .. } => StatusCode::SERVICE_UNAVAILABLE,
+        FailureKind::ResourceLimit {
+            resource: Resource::Pool,
+            ..
+        } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 /// `POST /produce` (or whatever route is configured): hands the request to
 /// the producer and returns its response.
-pub async fn produce(dispatcher: Arc<Dispatcher>, metrics: Arc<Metrics>, request: Request<Incoming>, limit: usize) -> Response<Body> {
+pub async fn produce(
+    dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
+    request: Request<Incoming>,
+    limit: usize,
+) -> Response<Body> {
     metrics.requests.fetch_add(1, Ordering::Relaxed);
     let declared = content_length(&request);
     let (parts, body) = request.into_parts();
@@ -151,17 +174,26 @@ pub async fn produce(dispatcher: Arc<Dispatcher>, metrics: Arc<Metrics>, request
     let headers = parts
         .headers
         .iter()
-        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string())))
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
         .collect();
     let guest_request = runtime::Request {
         method: parts.method.as_str().to_string(),
-        path: parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into()),
         headers,
         body: body.to_vec(),
     };
     match dispatcher.produce(&guest_request).await {
         Ok(answer) => {
-            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status =
+                StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = text(status, answer.body);
             for (name, value) in answer.headers {
                 if let (Ok(name), Ok(value)) = (

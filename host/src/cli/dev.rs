@@ -38,7 +38,12 @@ pub struct DevArgs {
     #[arg(long, env = "WASM_PC_QUEUE", default_value = "orders")]
     queue: String,
     /// Output bindings guests may send to; each is a queue of the same name.
-    #[arg(long, env = "WASM_PC_BINDINGS", value_delimiter = ',', default_value = "orders")]
+    #[arg(
+        long,
+        env = "WASM_PC_BINDINGS",
+        value_delimiter = ',',
+        default_value = "orders"
+    )]
     bindings: Vec<String>,
     /// Fewest consumer workers (KEDA minReplicaCount).
     #[arg(long, env = "WASM_PC_MIN_WORKERS", default_value_t = 0)]
@@ -96,14 +101,23 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
     if !bindings.contains(&args.queue) {
         bindings.push(args.queue.clone());
     }
-    let outbound = Arc::new(EmbeddedOutbound::new(queue.clone(), bindings, Arc::clone(&metrics)));
+    let outbound = Arc::new(EmbeddedOutbound::new(
+        queue.clone(),
+        bindings,
+        Arc::clone(&metrics),
+    ));
 
     let producer_source = args.modules.source(World::Producer)?;
     let consumer_source = args.modules.source(World::Consumer)?;
     let rt = Arc::clone(&runtime);
     let (producer, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let read = |s: &crate::modules::ModuleSource| {
-            s.read().with_context(|| format!("reading {} (build the guests with `cargo xtask guests`)", s.path.display()))
+            s.read().with_context(|| {
+                format!(
+                    "reading {} (build the guests with `cargo xtask guests`)",
+                    s.path.display()
+                )
+            })
         };
         let producer = rt.load_producer(read(&producer_source)?)?;
         let consumer = rt.load_consumer(read(&consumer_source)?)?;
@@ -121,20 +135,37 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
         let port = if args.demo.is_some() { 0 } else { 8080 };
         SocketAddr::from(([127, 0, 0, 1], port))
     });
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
     tracing::info!("producer endpoint: POST http://{address}/produce");
 
     let (stop, stopped) = watch::channel(false);
     let router = {
-        let (dispatcher, metrics, queue, name, limit) =
-            (Arc::clone(&dispatcher), Arc::clone(&metrics), queue.clone(), args.queue.clone(), args.max_body_bytes);
+        let (dispatcher, metrics, queue, name, limit) = (
+            Arc::clone(&dispatcher),
+            Arc::clone(&metrics),
+            queue.clone(),
+            args.queue.clone(),
+            args.max_body_bytes,
+        );
         move |request: hyper::Request<hyper::body::Incoming>| {
-            let (dispatcher, metrics, queue, name) = (Arc::clone(&dispatcher), Arc::clone(&metrics), queue.clone(), name.clone());
+            let (dispatcher, metrics, queue, name) = (
+                Arc::clone(&dispatcher),
+                Arc::clone(&metrics),
+                queue.clone(),
+                name.clone(),
+            );
             async move { route(request, dispatcher, metrics, queue, &name, limit).await }
         }
     };
-    let server = tokio::spawn(http::serve(listener, router, stopped.clone(), Duration::from_secs(10)));
+    let server = tokio::spawn(http::serve(
+        listener,
+        router,
+        stopped.clone(),
+        Duration::from_secs(10),
+    ));
     let pool_options = PoolOptions {
         queue: args.queue.clone(),
         scale: ScaleRule {
@@ -147,8 +178,19 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
         backoff: Duration::from_millis(args.retry_backoff_ms),
         ..PoolOptions::default()
     };
-    let pool = tokio::spawn(run_pool(queue.clone(), Arc::clone(&dispatcher), Arc::clone(&metrics), pool_options, stopped.clone()));
-    let status = tokio::spawn(report_status(queue.clone(), args.queue.clone(), Arc::clone(&metrics), stopped.clone()));
+    let pool = tokio::spawn(run_pool(
+        queue.clone(),
+        Arc::clone(&dispatcher),
+        Arc::clone(&metrics),
+        pool_options,
+        stopped.clone(),
+    ));
+    let status = tokio::spawn(report_status(
+        queue.clone(),
+        args.queue.clone(),
+        Arc::clone(&metrics),
+        stopped.clone(),
+    ));
 
     let code = match args.demo {
         Some(count) => {
@@ -177,7 +219,11 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
 
 /// Business rules the demo's sample data exercises, unless set by the user.
 fn demo_config(config: &mut Vec<String>) {
-    for (key, value) in [("transient-sku", "FLAKY"), ("transient-attempts", "2"), ("max-order-cents", "500000")] {
+    for (key, value) in [
+        ("transient-sku", "FLAKY"),
+        ("transient-attempts", "2"),
+        ("max-order-cents", "500000"),
+    ] {
         if !config.iter().any(|c| c.starts_with(&format!("{key}="))) {
             config.push(format!("{key}={value}"));
         }
@@ -200,7 +246,10 @@ async fn route(
                 "producer": dispatcher.producer_info().map(|m| m.label().to_string()),
                 "consumer": dispatcher.consumer_info().map(|m| m.label().to_string()),
             });
-            http::json(StatusCode::OK, &serde_json::json!({"ready": true, "modules": modules}))
+            http::json(
+                StatusCode::OK,
+                &serde_json::json!({"ready": true, "modules": modules}),
+            )
         }
         (&Method::GET, "/stats") => match queue.depth(queue_name).await {
             Ok(depth) => http::json(
@@ -211,27 +260,56 @@ async fn route(
         },
         (&Method::GET, "/metrics") => {
             let depth = queue.depth(queue_name).await.unwrap_or_default();
-            let labels: Vec<(String, String)> = [("producer", dispatcher.producer_info()), ("consumer", dispatcher.consumer_info())]
-                .into_iter()
-                .filter_map(|(role, info)| info.map(|i| (role.to_string(), i.label().to_string())))
+            let labels: Vec<(String, String)> = [
+                ("producer", dispatcher.producer_info()),
+                ("consumer", dispatcher.consumer_info()),
+            ]
+            .into_iter()
+            .filter_map(|(role, info)| info.map(|i| (role.to_string(), i.label().to_string())))
+            .collect();
+            let modules: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(r, l)| (r.as_str(), l.as_str()))
                 .collect();
-            let modules: Vec<(&str, &str)> = labels.iter().map(|(r, l)| (r.as_str(), l.as_str())).collect();
             let gauges = [
-                ("queue_active_messages", "Messages visible in the queue.", depth.active),
-                ("queue_locked_messages", "Messages locked by a consumer.", depth.locked),
-                ("queue_dead_lettered_messages", "Messages in the dead-letter queue.", depth.dead_lettered),
+                (
+                    "queue_active_messages",
+                    "Messages visible in the queue.",
+                    depth.active,
+                ),
+                (
+                    "queue_locked_messages",
+                    "Messages locked by a consumer.",
+                    depth.locked,
+                ),
+                (
+                    "queue_dead_lettered_messages",
+                    "Messages in the dead-letter queue.",
+                    depth.dead_lettered,
+                ),
             ];
             http::text(StatusCode::OK, metrics.render(&modules, &gauges))
         }
-        (_, "/healthz" | "/readyz" | "/stats" | "/metrics") => http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (_, "/healthz" | "/readyz" | "/stats" | "/metrics") => {
+            http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        }
         _ => http::error(StatusCode::NOT_FOUND, "no such route; POST /produce"),
     }
 }
 
 /// A one-line live status on a terminal; a log line now and then otherwise.
-async fn report_status(queue: QueueHandle, name: String, metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) {
+async fn report_status(
+    queue: QueueHandle,
+    name: String,
+    metrics: Arc<Metrics>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let tty = std::io::stderr().is_terminal();
-    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(5) };
+    let every = if tty {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(5)
+    };
     let mut last = None;
     loop {
         tokio::select! {
@@ -242,7 +320,12 @@ async fn report_status(queue: QueueHandle, name: String, metrics: Arc<Metrics>, 
         let s = metrics.snapshot();
         let line = format!(
             "produced {}  consumed {}  retried {}  dead-lettered {}  in flight {}  depth {}",
-            s.sent, s.completed, s.abandoned, s.dead_lettered, s.in_flight, depth.pending()
+            s.sent,
+            s.completed,
+            s.abandoned,
+            s.dead_lettered,
+            s.in_flight,
+            depth.pending()
         );
         if tty {
             let mut err = std::io::stderr().lock();
@@ -260,7 +343,13 @@ async fn report_status(queue: QueueHandle, name: String, metrics: Arc<Metrics>, 
 
 /// Posts `count` sample orders in batches through the HTTP endpoint, then
 /// waits until the queue has nothing pending. Returns how many were accepted.
-async fn demo(address: SocketAddr, count: usize, queue: &QueueHandle, name: &str, metrics: &Metrics) -> anyhow::Result<usize> {
+async fn demo(
+    address: SocketAddr,
+    count: usize,
+    queue: &QueueHandle,
+    name: &str,
+    metrics: &Metrics,
+) -> anyhow::Result<usize> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let run = &uuid::Uuid::new_v4().simple().to_string()[..6];
@@ -277,7 +366,11 @@ async fn demo(address: SocketAddr, count: usize, queue: &QueueHandle, name: &str
             let response = client.request(request).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
-            anyhow::ensure!(status == StatusCode::ACCEPTED, "producer answered {status}: {}", String::from_utf8_lossy(&body));
+            anyhow::ensure!(
+                status == StatusCode::ACCEPTED,
+                "producer answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
             let reply: serde_json::Value = serde_json::from_slice(&body)?;
             Ok(reply["accepted"].as_u64().unwrap_or(0) as usize)
         });
@@ -296,7 +389,10 @@ async fn demo(address: SocketAddr, count: usize, queue: &QueueHandle, name: &str
         if depth.pending() == 0 && metrics.in_flight.load(Ordering::Relaxed) == 0 {
             return Ok(accepted);
         }
-        anyhow::ensure!(Instant::now() < deadline, "the queue did not drain within 5 minutes: {depth:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the queue did not drain within 5 minutes: {depth:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -305,7 +401,9 @@ async fn demo(address: SocketAddr, count: usize, queue: &QueueHandle, name: &str
 /// fine), every 40th is over the credit limit (dead-lettered).
 fn sample_order(run: &str, i: usize) -> serde_json::Value {
     const CUSTOMERS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
-    let mut items = vec![serde_json::json!({"sku": format!("SKU-{}", i % 17), "qty": 1 + i % 3, "price_cents": 499 + (i % 7) * 100})];
+    let mut items = vec![
+        serde_json::json!({"sku": format!("SKU-{}", i % 17), "qty": 1 + i % 3, "price_cents": 499 + (i % 7) * 100}),
+    ];
     if i % 25 == 7 {
         items.push(serde_json::json!({"sku": "FLAKY", "qty": 1, "price_cents": 100}));
     }
@@ -315,20 +413,57 @@ fn sample_order(run: &str, i: usize) -> serde_json::Value {
     serde_json::json!({"id": format!("demo-{run}-{i:05}"), "customer": CUSTOMERS[i % CUSTOMERS.len()], "items": items})
 }
 
-fn print_summary(requested: usize, accepted: usize, elapsed: Duration, metrics: &Metrics, args: &DevArgs) -> std::io::Result<()> {
+fn print_summary(
+    requested: usize,
+    accepted: usize,
+    elapsed: Duration,
+    metrics: &Metrics,
+    args: &DevArgs,
+) -> std::io::Result<()> {
     let s = metrics.snapshot();
     let secs = elapsed.as_secs_f64().max(1e-9);
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
     writeln!(out, "wasm-pc dev --demo {requested}: done in {secs:.2} s")?;
-    writeln!(out, "  {:<34} {:>8}", "orders accepted by producer.wasm", accepted)?;
+    writeln!(
+        out,
+        "  {:<34} {:>8}",
+        "orders accepted by producer.wasm", accepted
+    )?;
     writeln!(out, "  {:<34} {:>8}", "messages enqueued (durable)", s.sent)?;
-    writeln!(out, "  {:<34} {:>8}", "completed by consumer.wasm", s.completed)?;
-    writeln!(out, "  {:<34} {:>8}", "retried (SKU FLAKY, then ok)", s.abandoned)?;
-    writeln!(out, "  {:<34} {:>8}", "dead-lettered (over credit limit)", s.dead_lettered)?;
-    writeln!(out, "  {:<34} {:>8}", "host-ended (trap/timeout/limit)", s.traps + s.timeouts + s.limits)?;
-    writeln!(out, "  {:<34} {:>8.0}", "orders/s, produce to settle", accepted as f64 / secs)?;
+    writeln!(
+        out,
+        "  {:<34} {:>8}",
+        "completed by consumer.wasm", s.completed
+    )?;
+    writeln!(
+        out,
+        "  {:<34} {:>8}",
+        "retried (SKU FLAKY, then ok)", s.abandoned
+    )?;
+    writeln!(
+        out,
+        "  {:<34} {:>8}",
+        "dead-lettered (over credit limit)", s.dead_lettered
+    )?;
+    writeln!(
+        out,
+        "  {:<34} {:>8}",
+        "host-ended (trap/timeout/limit)",
+        s.traps + s.timeouts + s.limits
+    )?;
+    writeln!(
+        out,
+        "  {:<34} {:>8.0}",
+        "orders/s, produce to settle",
+        accepted as f64 / secs
+    )?;
     writeln!(out)?;
-    writeln!(out, "Dead letters and their reasons: cargo run --release -- queue dead-letters {} --db {}", args.queue, args.db.display())?;
+    writeln!(
+        out,
+        "Dead letters and their reasons: cargo run --release -- queue dead-letters {} --db {}",
+        args.queue,
+        args.db.display()
+    )?;
     Ok(())
 }

@@ -21,7 +21,12 @@ use crate::runtime::{Limits, RuntimeOptions, World};
 #[command(name = "wasm-pc", version, about)]
 pub struct Cli {
     /// Log format: `text` or `json`.
-    #[arg(long, env = "WASM_PC_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "WASM_PC_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     log_format: String,
     #[command(subcommand)]
     command: Command,
@@ -30,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Embedded mode: producer, consumer and a durable SQLite queue in one process.
-    Dev(dev::DevArgs),
+    Dev(Box<dev::DevArgs>),
     /// Inspect and repair the embedded queue database.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
@@ -45,7 +50,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     let result = match cli.command {
-        Command::Dev(args) => run_async(dev::run(args)),
+        Command::Dev(args) => run_async(dev::run(*args)),
         Command::Queue(cmd) => queue::run(cmd),
         Command::Check(args) => tools::check(args),
         Command::Compile(args) => tools::compile(args),
@@ -59,14 +64,22 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run_async(future: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+fn run_async(
+    future: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_PC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_PC_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -119,10 +132,18 @@ struct ModuleArgs {
     #[arg(long, env = "WASM_PC_CONSUMER_FILE", default_value = "consumer.wasm")]
     consumer_file: String,
     /// Config for the producer, `key=value` (repeat, or comma-separated in the env var).
-    #[arg(long = "producer-config", env = "WASM_PC_PRODUCER_CONFIG", value_delimiter = ',')]
+    #[arg(
+        long = "producer-config",
+        env = "WASM_PC_PRODUCER_CONFIG",
+        value_delimiter = ','
+    )]
     producer_config: Vec<String>,
     /// Config for the consumer, `key=value`.
-    #[arg(long = "consumer-config", env = "WASM_PC_CONSUMER_CONFIG", value_delimiter = ',')]
+    #[arg(
+        long = "consumer-config",
+        env = "WASM_PC_CONSUMER_CONFIG",
+        value_delimiter = ','
+    )]
     consumer_config: Vec<String>,
     /// Version label of the producer, shown with its hash in logs and metrics.
     #[arg(long, env = "WASM_PC_PRODUCER_VERSION")]
@@ -135,11 +156,20 @@ struct ModuleArgs {
 impl ModuleArgs {
     fn source(&self, world: World) -> anyhow::Result<ModuleSource> {
         let (file, config, version) = match world {
-            World::Producer => (&self.producer_file, &self.producer_config, &self.producer_version),
-            World::Consumer => (&self.consumer_file, &self.consumer_config, &self.consumer_version),
+            World::Producer => (
+                &self.producer_file,
+                &self.producer_config,
+                &self.producer_version,
+            ),
+            World::Consumer => (
+                &self.consumer_file,
+                &self.consumer_config,
+                &self.consumer_version,
+            ),
         };
         let mut source = ModuleSource::in_dir(&self.modules_dir, file, world);
-        source.config = parse_pairs(config.iter().map(String::as_str)).map_err(|e| anyhow::anyhow!("{world} config: {e}"))?;
+        source.config = parse_pairs(config.iter().map(String::as_str))
+            .map_err(|e| anyhow::anyhow!("{world} config: {e}"))?;
         source.version = version.clone();
         Ok(source)
     }
@@ -150,14 +180,15 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -1,5 +1,8 @@
 //! Integration tests: one binary (as wasmtime does) to keep link time down.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod dev;
 mod guests;
+mod process;
+mod queue;
 mod runtime;
