@@ -1,0 +1,147 @@
+//! End-to-end durable throughput of embedded mode: producer component →
+//! SQLite queue (group commit) → worker pool → consumer component → complete.
+//!
+//! `cargo bench -p wasm-pc --bench embedded [-- N]`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use wasm_pc::dispatch::{Dispatcher, Slot};
+use wasm_pc::embedded::{EmbeddedOutbound, PoolOptions, run_pool};
+use wasm_pc::metrics::Metrics;
+use wasm_pc::queue::{QueueHandle, QueueOptions};
+use wasm_pc::runtime::{ModuleSpec, Request, Runtime, RuntimeOptions};
+use wasm_pc::scale::ScaleRule;
+
+fn main() {
+    let count: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(50_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(count, true));
+    rt.block_on(run(count, false));
+}
+
+/// `concurrent`: producers and consumers run at once (the headline figure);
+/// otherwise everything is produced first, then consumed, timed apart.
+async fn run(count: usize, concurrent: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(Runtime::new(RuntimeOptions::default()).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let queue =
+        QueueHandle::open(&dir.path().join("bench.db"), QueueOptions::default(), false).unwrap();
+    let outbound = Arc::new(EmbeddedOutbound::new(
+        queue.clone(),
+        ["orders".to_string()],
+        metrics.clone(),
+    ));
+    let producer = runtime
+        .load_producer(ModuleSpec::new("producer", common::module("producer.wasm")))
+        .unwrap();
+    let consumer = runtime
+        .load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm")))
+        .unwrap();
+    let dispatcher = Arc::new(Dispatcher::new(
+        runtime,
+        outbound,
+        Some(Arc::new(Slot::new(consumer))),
+        Some(Arc::new(Slot::new(producer))),
+    ));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let options = PoolOptions {
+        scale: ScaleRule {
+            min: 64,
+            max: 64,
+            target: 16,
+            activation: 0,
+        },
+        ..PoolOptions::default()
+    };
+    let start_pool = || {
+        tokio::spawn(run_pool(
+            queue.clone(),
+            dispatcher.clone(),
+            metrics.clone(),
+            options.clone(),
+            stopped.clone(),
+        ))
+    };
+    let mut pool = concurrent.then(start_pool);
+
+    let started = Instant::now();
+    let batches: Vec<Vec<u8>> = (0..count)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| {
+            let orders: Vec<_> = chunk
+                .iter()
+                .map(|i| serde_json::json!({"id": format!("b-{i}"), "customer": "acme", "items": [{"sku": "A", "qty": 1, "price_cents": 100}]}))
+                .collect();
+            serde_json::to_vec(&orders).unwrap()
+        })
+        .collect();
+    let mut producers = tokio::task::JoinSet::new();
+    let per_task = batches.len().div_ceil(8);
+    for share in batches.chunks(per_task.max(1)).map(<[Vec<u8>]>::to_vec) {
+        let dispatcher = dispatcher.clone();
+        producers.spawn(async move {
+            for body in share {
+                let request = Request {
+                    method: "POST".into(),
+                    path: "/produce".into(),
+                    headers: vec![],
+                    body,
+                };
+                let response = dispatcher.produce(&request).await.unwrap();
+                assert_eq!(
+                    response.status,
+                    202,
+                    "{}",
+                    String::from_utf8_lossy(&response.body)
+                );
+            }
+        });
+    }
+    while producers.join_next().await.is_some() {}
+    let produced_in = started.elapsed();
+    let consume_started = Instant::now();
+    if pool.is_none() {
+        pool = Some(start_pool());
+    }
+    while metrics.completed.load(Ordering::Relaxed) < count as u64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    let _ = stop.send(true);
+    if let Some(pool) = pool {
+        pool.await.unwrap().unwrap();
+    }
+    let depth = queue.depth("orders").await.unwrap();
+    assert_eq!(depth.pending(), 0);
+    let rate = |d: Duration| count as f64 / d.as_secs_f64();
+    if concurrent {
+        println!(
+            "embedded end-to-end, concurrent: {count} messages in {:.2}s = {:.0} msg/s",
+            elapsed.as_secs_f64(),
+            rate(elapsed)
+        );
+    } else {
+        let consumed_in = consume_started.elapsed();
+        println!(
+            "embedded phases: produce {:.0} msg/s ({:.2}s), consume {:.0} msg/s ({:.2}s)",
+            rate(produced_in),
+            produced_in.as_secs_f64(),
+            rate(consumed_in),
+            consumed_in.as_secs_f64()
+        );
+    }
+}
