@@ -1,4 +1,5 @@
 //! Shared bench helpers: the guests from `target/modules` and percentiles.
+#![allow(dead_code)] // each bench uses a different part
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -64,21 +64,41 @@ impl BodyError {
     }
 }
 
+/// Past the limit, this much more is read and thrown away so that the client,
+/// still sending, gets to read the 413 instead of a broken pipe.
+const DRAIN_CAP: usize = 16 << 20;
+
 /// Reads a whole body, refusing more than `limit` bytes (declared or sent,
 /// chunked or not).
 pub async fn read_body(
-    body: Incoming,
+    mut body: Incoming,
     declared: Option<u64>,
     limit: usize,
 ) -> Result<Bytes, BodyError> {
-    if declared.is_some_and(|len| len > limit as u64) {
+    let mut kept = bytes::BytesMut::new();
+    let mut seen: usize = 0;
+    let mut too_large = declared.is_some_and(|len| len > limit as u64);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > limit {
+            too_large = true;
+        }
+        if too_large {
+            if seen > limit.saturating_add(DRAIN_CAP) {
+                break;
+            }
+            continue;
+        }
+        kept.extend_from_slice(&data);
+    }
+    if too_large {
         return Err(BodyError::TooLarge(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
-        Err(e) => Err(BodyError::Read(e.to_string())),
-    }
+    Ok(kept.freeze())
 }
 
 /// The declared `content-length`, if any.

@@ -12,6 +12,7 @@
 //! messages and requests, and to settle what they answer.
 
 pub mod cli;
+pub mod dapr;
 pub mod dispatch;
 pub mod embedded;
 pub mod http;

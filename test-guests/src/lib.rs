@@ -4,7 +4,8 @@
 //! `loop` (spins forever), `alloc` (grows memory without bound), `recurse`
 //! (recurses without bound), `log` (logs and writes to stdout/stderr),
 //! `send:<binding>` (sends the message id to `binding`), `config:<key>`
-//! (retries with the config value as its reason, so tests can read it).
+//! (retries with the config value as its reason, so tests can read it),
+//! `sleep:<ms>` (waits on the monotonic clock, then succeeds).
 
 use exports::wasm_pc::app::consume::{ConsumeError, Guest, Message};
 use wasm_pc::app::log::{Level, log};
@@ -47,6 +48,10 @@ impl Guest for Misbehaving {
                     return outbound::send(binding, &out)
                         .map(|_| ())
                         .map_err(|e| ConsumeError::Retry(format!("{e:?}")));
+                }
+                if let Some(ms) = other.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    return Ok(());
                 }
                 if let Some(key) = other.strip_prefix("config:") {
                     return Err(ConsumeError::Retry(config::get(key).unwrap_or_default()));

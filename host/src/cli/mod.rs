@@ -5,6 +5,7 @@
 
 mod dev;
 mod queue;
+mod serve;
 mod tools;
 
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub struct Cli {
 enum Command {
     /// Embedded mode: producer, consumer and a durable SQLite queue in one process.
     Dev(Box<dev::DevArgs>),
+    /// Dapr mode: serve daprd's input binding and/or the producer route.
+    Serve(Box<serve::ServeArgs>),
     /// Inspect and repair the embedded queue database.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
@@ -51,6 +54,7 @@ pub fn main() -> ExitCode {
     init_tracing(&cli.log_format);
     let result = match cli.command {
         Command::Dev(args) => run_async(dev::run(*args)),
+        Command::Serve(args) => run_async(serve::run(*args)),
         Command::Queue(cmd) => queue::run(cmd),
         Command::Check(args) => tools::check(args),
         Command::Compile(args) => tools::compile(args),

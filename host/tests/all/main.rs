@@ -1,8 +1,10 @@
 //! Integration tests: one binary (as wasmtime does) to keep link time down.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod dapr;
 mod dev;
 mod guests;
 mod process;
 mod queue;
 mod runtime;
+mod sidecar;
