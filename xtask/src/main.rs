@@ -124,18 +124,48 @@ fn ci(root: &Path) -> anyhow::Result<()> {
             "warnings",
         ],
     )?;
-    cargo(
-        root,
-        &[
-            "test",
-            "--workspace",
-            "--exclude",
-            "guest-producer",
-            "--exclude",
-            "guest-consumer",
-            "--exclude",
-            "test-guests",
-        ],
+    test_and_count(root)
+}
+
+/// Runs the tests, echoing their output, and ends with one plain
+/// `ci: N passed, M failed` line summing every test binary.
+fn test_and_count(root: &Path) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root).args(["test", "--workspace"]);
+    for guest in GUESTS {
+        command.args(["--exclude", guest.0]);
+    }
+    eprintln!("xtask: {command:?}");
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        let mut stdout = std::io::stdout().lock();
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            writeln!(stdout, "{line}")?;
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split([';', '.']) {
+                    let mut words = part.split_whitespace();
+                    match (words.next().map(str::parse::<u64>), words.next()) {
+                        (Some(Ok(n)), Some("passed")) => passed += n,
+                        (Some(Ok(n)), Some("failed")) => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    writeln!(
+        std::io::stdout().lock(),
+        "ci: {passed} passed, {failed} failed"
     )?;
+    if !status.success() || failed > 0 {
+        bail!("tests failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
 }
