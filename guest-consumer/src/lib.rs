@@ -28,9 +28,8 @@ impl Guest for Consumer {
             return forward(&message.id, message.body, message.content_type);
         }
         let order = Order::parse(&message.body).map_err(|e| ConsumeError::Reject(e.to_string()))?;
-        let total = order
-            .total_cents()
-            .ok_or_else(|| ConsumeError::Reject(format!("order {}: total overflows", order.id)))?;
+        let total =
+            order.total_cents().ok_or_else(|| ConsumeError::Reject(format!("order {}: total overflows", order.id)))?;
 
         let limit = config::get("max-order-cents").and_then(|v| v.parse::<u64>().ok());
         if let Some(limit) = limit.filter(|limit| total > *limit) {
@@ -41,9 +40,7 @@ impl Guest for Consumer {
         }
 
         if let Some(sku) = config::get("transient-sku") {
-            let attempts = config::get("transient-attempts")
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(2);
+            let attempts = config::get("transient-attempts").and_then(|v| v.parse::<u32>().ok()).unwrap_or(2);
             let delivery = message.delivery_count.unwrap_or(1);
             if order.items.iter().any(|i| i.sku == sku) && delivery <= attempts {
                 return Err(ConsumeError::Retry(format!(
@@ -68,11 +65,7 @@ impl Guest for Consumer {
             "total_cents": total,
             "version": config::get("version"),
         });
-        forward(
-            &order.id,
-            summary.to_string().into_bytes(),
-            Some("application/json".to_string()),
-        )
+        forward(&order.id, summary.to_string().into_bytes(), Some("application/json".to_string()))
     }
 }
 

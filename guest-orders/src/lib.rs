@@ -56,14 +56,9 @@ pub const MAX_BATCH: usize = 1000;
 impl Order {
     /// Parses and validates one order from a message body.
     pub fn parse(body: &[u8]) -> Result<Order, Invalid> {
-        let order: Order = serde_json::from_slice(body).map_err(|e| Invalid {
-            index: None,
-            reason: format!("not a valid order: {e}"),
-        })?;
-        order.validate().map_err(|reason| Invalid {
-            index: None,
-            reason,
-        })?;
+        let order: Order = serde_json::from_slice(body)
+            .map_err(|e| Invalid { index: None, reason: format!("not a valid order: {e}") })?;
+        order.validate().map_err(|reason| Invalid { index: None, reason })?;
         Ok(order)
     }
 
@@ -96,9 +91,7 @@ impl Order {
     /// shop would reject; here it is reported as poison).
     pub fn total_cents(&self) -> Option<u64> {
         self.items.iter().try_fold(0u64, |acc, item| {
-            item.price_cents
-                .checked_mul(u64::from(item.qty))
-                .and_then(|line| acc.checked_add(line))
+            item.price_cents.checked_mul(u64::from(item.qty)).and_then(|line| acc.checked_add(line))
         })
     }
 }
@@ -113,36 +106,22 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Order>, Invalid> {
         Batch::Bare(v) | Batch::Wrapped { orders: v } => v,
     };
     if values.is_empty() {
-        return Err(Invalid {
-            index: None,
-            reason: "the batch has no orders".into(),
-        });
+        return Err(Invalid { index: None, reason: "the batch has no orders".into() });
     }
     if values.len() > MAX_BATCH {
         return Err(Invalid {
             index: None,
-            reason: format!(
-                "the batch has {} orders; at most {MAX_BATCH} are accepted",
-                values.len()
-            ),
+            reason: format!("the batch has {} orders; at most {MAX_BATCH} are accepted", values.len()),
         });
     }
     let mut orders = Vec::with_capacity(values.len());
     let mut seen = std::collections::BTreeSet::new();
     for (index, value) in values.into_iter().enumerate() {
-        let order: Order = serde_json::from_value(value).map_err(|e| Invalid {
-            index: Some(index),
-            reason: e.to_string(),
-        })?;
-        order.validate().map_err(|reason| Invalid {
-            index: Some(index),
-            reason,
-        })?;
+        let order: Order =
+            serde_json::from_value(value).map_err(|e| Invalid { index: Some(index), reason: e.to_string() })?;
+        order.validate().map_err(|reason| Invalid { index: Some(index), reason })?;
         if !seen.insert(order.id.clone()) {
-            return Err(Invalid {
-                index: Some(index),
-                reason: format!("duplicate id {:?}", order.id),
-            });
+            return Err(Invalid { index: Some(index), reason: format!("duplicate id {:?}", order.id) });
         }
         orders.push(order);
     }
@@ -157,8 +136,7 @@ mod tests {
     fn bare_and_wrapped_batches_parse_alike() {
         let one = r#"{"id":"a","customer":"c","items":[{"sku":"s","qty":2,"price_cents":150}]}"#;
         let bare = parse_batch(format!("[{one}]").as_bytes()).map_err(|e| e.to_string());
-        let wrapped =
-            parse_batch(format!("{{\"orders\":[{one}]}}").as_bytes()).map_err(|e| e.to_string());
+        let wrapped = parse_batch(format!("{{\"orders\":[{one}]}}").as_bytes()).map_err(|e| e.to_string());
         assert_eq!(bare, wrapped);
         assert_eq!(bare.map(|o| o[0].total_cents()), Ok(Some(300)));
     }
@@ -184,11 +162,7 @@ mod tests {
         let order = Order {
             id: "x".into(),
             customer: "c".into(),
-            items: vec![Item {
-                sku: "s".into(),
-                qty: u32::MAX,
-                price_cents: u64::MAX,
-            }],
+            items: vec![Item { sku: "s".into(), qty: u32::MAX, price_cents: u64::MAX }],
         };
         assert_eq!(order.total_cents(), None);
     }

@@ -20,24 +20,16 @@ struct Producer;
 impl Guest for Producer {
     fn handle(request: Request) -> Response {
         if request.method != "POST" {
-            return json(
-                405,
-                &serde_json::json!({"error": "use POST with a JSON order batch"}),
-            );
+            return json(405, &serde_json::json!({"error": "use POST with a JSON order batch"}));
         }
         let binding = config::get("binding").unwrap_or_else(|| "orders".to_string());
-        if header(&request, "content-type")
-            .is_some_and(|v| v.starts_with("application/octet-stream"))
-        {
+        if header(&request, "content-type").is_some_and(|v| v.starts_with("application/octet-stream")) {
             return send_raw(&binding, request.body);
         }
         let orders = match parse_batch(&request.body) {
             Ok(orders) => orders,
             Err(invalid) => {
-                return json(
-                    400,
-                    &serde_json::json!({"error": invalid.reason, "index": invalid.index}),
-                );
+                return json(400, &serde_json::json!({"error": invalid.reason, "index": invalid.index}));
             }
         };
         let mut sent = Vec::with_capacity(orders.len());
@@ -50,15 +42,9 @@ impl Guest for Producer {
         log(
             Level::Info,
             "batch sent",
-            &[
-                ("orders".to_string(), sent.len().to_string()),
-                ("binding".to_string(), binding),
-            ],
+            &[("orders".to_string(), sent.len().to_string()), ("binding".to_string(), binding)],
         );
-        json(
-            202,
-            &serde_json::json!({"accepted": sent.len(), "ids": sent}),
-        )
+        json(202, &serde_json::json!({"accepted": sent.len(), "ids": sent}))
     }
 }
 
@@ -100,23 +86,13 @@ fn send_failed(binding: &str, order: &str, error: &SendError, sent: &[String]) -
     log(
         Level::Warn,
         "send failed",
-        &[
-            ("order".to_string(), order.to_string()),
-            ("reason".to_string(), reason.clone()),
-        ],
+        &[("order".to_string(), order.to_string()), ("reason".to_string(), reason.clone())],
     );
-    json(
-        status,
-        &serde_json::json!({"error": reason, "failed": order, "sent": sent}),
-    )
+    json(status, &serde_json::json!({"error": reason, "failed": order, "sent": sent}))
 }
 
 fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-    request
-        .headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    request.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 fn json(status: u16, value: &serde_json::Value) -> Response {

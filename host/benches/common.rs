@@ -6,16 +6,11 @@ use std::time::Duration;
 
 /// The bytes of `target/modules/<file>`; run `cargo xtask guests` first.
 pub fn module(file: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/modules")
-        .join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/modules").join(file);
     match std::fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) => {
-            eprintln!(
-                "cannot read {}: {e}; run `cargo xtask guests` first",
-                path.display()
-            );
+            eprintln!("cannot read {}: {e}; run `cargo xtask guests` first", path.display());
             std::process::exit(2);
         }
     }

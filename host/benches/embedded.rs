@@ -18,15 +18,8 @@ use wasm_pc::runtime::{ModuleSpec, Request, Runtime, RuntimeOptions};
 use wasm_pc::scale::ScaleRule;
 
 fn main() {
-    let count: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(50_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let count: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(run(count, true));
     rt.block_on(run(count, false));
 }
@@ -37,19 +30,10 @@ async fn run(count: usize, concurrent: bool) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = Arc::new(Runtime::new(RuntimeOptions::default()).unwrap());
     let metrics = Arc::new(Metrics::default());
-    let queue =
-        QueueHandle::open(&dir.path().join("bench.db"), QueueOptions::default(), false).unwrap();
-    let outbound = Arc::new(EmbeddedOutbound::new(
-        queue.clone(),
-        ["orders".to_string()],
-        metrics.clone(),
-    ));
-    let producer = runtime
-        .load_producer(ModuleSpec::new("producer", common::module("producer.wasm")))
-        .unwrap();
-    let consumer = runtime
-        .load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm")))
-        .unwrap();
+    let queue = QueueHandle::open(&dir.path().join("bench.db"), QueueOptions::default(), false).unwrap();
+    let outbound = Arc::new(EmbeddedOutbound::new(queue.clone(), ["orders".to_string()], metrics.clone()));
+    let producer = runtime.load_producer(ModuleSpec::new("producer", common::module("producer.wasm"))).unwrap();
+    let consumer = runtime.load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm"))).unwrap();
     let dispatcher = Arc::new(Dispatcher::new(
         runtime,
         outbound,
@@ -57,24 +41,10 @@ async fn run(count: usize, concurrent: bool) {
         Some(Arc::new(Slot::new(producer))),
     ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let options = PoolOptions {
-        scale: ScaleRule {
-            min: 64,
-            max: 64,
-            target: 16,
-            activation: 0,
-        },
-        ..PoolOptions::default()
-    };
-    let start_pool = || {
-        tokio::spawn(run_pool(
-            queue.clone(),
-            dispatcher.clone(),
-            metrics.clone(),
-            options.clone(),
-            stopped.clone(),
-        ))
-    };
+    let options =
+        PoolOptions { scale: ScaleRule { min: 64, max: 64, target: 16, activation: 0 }, ..PoolOptions::default() };
+    let start_pool =
+        || tokio::spawn(run_pool(queue.clone(), dispatcher.clone(), metrics.clone(), options.clone(), stopped.clone()));
     let mut pool = concurrent.then(start_pool);
 
     let started = Instant::now();
@@ -95,19 +65,9 @@ async fn run(count: usize, concurrent: bool) {
         let dispatcher = dispatcher.clone();
         producers.spawn(async move {
             for body in share {
-                let request = Request {
-                    method: "POST".into(),
-                    path: "/produce".into(),
-                    headers: vec![],
-                    body,
-                };
+                let request = Request { method: "POST".into(), path: "/produce".into(), headers: vec![], body };
                 let response = dispatcher.produce(&request).await.unwrap();
-                assert_eq!(
-                    response.status,
-                    202,
-                    "{}",
-                    String::from_utf8_lossy(&response.body)
-                );
+                assert_eq!(response.status, 202, "{}", String::from_utf8_lossy(&response.body));
             }
         });
     }

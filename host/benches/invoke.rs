@@ -13,16 +13,22 @@ use wasm_pc::outbound::{NoOutbound, Outbound};
 use wasm_pc::runtime::{Message, ModuleSpec, Runtime, RuntimeOptions};
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let runtime = Runtime::new(RuntimeOptions::default()).unwrap();
         let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
-        for (file, body) in [("faulty.wasm", &b"ok"[..]), ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..])] {
+        for (file, body) in [
+            ("faulty.wasm", &b"ok"[..]),
+            ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..]),
+        ] {
             let module = runtime.load_consumer(ModuleSpec::new(file, common::module(file))).unwrap();
-            let message = Message { id: "m".into(), body: body.to_vec(), content_type: None, metadata: vec![], delivery_count: Some(1) };
+            let message = Message {
+                id: "m".into(),
+                body: body.to_vec(),
+                content_type: None,
+                metadata: vec![],
+                delivery_count: Some(1),
+            };
             for _ in 0..2_000 {
                 runtime.consume(&module, &message, out.clone()).await.unwrap().unwrap();
             }

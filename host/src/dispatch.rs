@@ -13,8 +13,8 @@ use arc_swap::ArcSwap;
 
 use crate::outbound::Outbound;
 use crate::runtime::{
-    ConsumeError, ConsumerModule, FailureKind, InvokeError, Message, ModuleInfo, ProducerModule,
-    Request, Response, Runtime,
+    ConsumeError, ConsumerModule, FailureKind, InvokeError, Message, ModuleInfo, ProducerModule, Request, Response,
+    Runtime,
 };
 
 /// What must happen to a delivered message.
@@ -36,15 +36,13 @@ impl Settlement {
     pub fn from_outcome(outcome: &Result<Result<(), ConsumeError>, InvokeError>) -> Settlement {
         match outcome {
             Ok(Ok(())) => Settlement::Complete,
-            Ok(Err(ConsumeError::Retry(reason))) => Settlement::Abandon {
-                reason: format!("consumer asked to retry: {reason}"),
-            },
-            Ok(Err(ConsumeError::Reject(reason))) => Settlement::DeadLetter {
-                reason: format!("consumer rejected: {reason}"),
-            },
-            Err(error) => Settlement::Abandon {
-                reason: error.to_string(),
-            },
+            Ok(Err(ConsumeError::Retry(reason))) => {
+                Settlement::Abandon { reason: format!("consumer asked to retry: {reason}") }
+            }
+            Ok(Err(ConsumeError::Reject(reason))) => {
+                Settlement::DeadLetter { reason: format!("consumer rejected: {reason}") }
+            }
+            Err(error) => Settlement::Abandon { reason: error.to_string() },
         }
     }
 
@@ -66,9 +64,7 @@ pub struct Slot<M> {
 
 impl<M> Slot<M> {
     pub fn new(module: M) -> Self {
-        Slot {
-            current: ArcSwap::from_pointee(module),
-        }
+        Slot { current: ArcSwap::from_pointee(module) }
     }
 
     /// The version new invocations use.
@@ -106,26 +102,25 @@ impl Dispatcher {
         consumer: Option<Arc<Slot<ConsumerModule>>>,
         producer: Option<Arc<Slot<ProducerModule>>>,
     ) -> Self {
-        Dispatcher {
-            runtime,
-            outbound,
-            consumer,
-            producer,
-        }
+        Dispatcher { runtime, outbound, consumer, producer }
     }
 
     /// The consumer version new deliveries would use.
     pub fn consumer_info(&self) -> Option<Arc<ModuleInfo>> {
-        self.consumer
-            .as_ref()
-            .map(|slot| Arc::clone(&slot.current().info))
+        self.consumer.as_ref().map(|slot| Arc::clone(&slot.current().info))
     }
 
     /// The producer version new requests would use.
     pub fn producer_info(&self) -> Option<Arc<ModuleInfo>> {
-        self.producer
-            .as_ref()
-            .map(|slot| Arc::clone(&slot.current().info))
+        self.producer.as_ref().map(|slot| Arc::clone(&slot.current().info))
+    }
+
+    /// `(role, label)` of every live module, for metrics and health.
+    pub fn live_modules(&self) -> Vec<(&'static str, String)> {
+        [("producer", self.producer_info()), ("consumer", self.consumer_info())]
+            .into_iter()
+            .filter_map(|(role, info)| info.map(|i| (role, i.label().to_string())))
+            .collect()
     }
 
     /// Delivers one message to the live consumer and says how to settle it.
@@ -133,37 +128,25 @@ impl Dispatcher {
     pub async fn deliver(&self, message: &Message) -> Delivery {
         let Some(slot) = &self.consumer else {
             return Delivery {
-                settlement: Settlement::Abandon {
-                    reason: "no consumer module is loaded in this host".into(),
-                },
+                settlement: Settlement::Abandon { reason: "no consumer module is loaded in this host".into() },
                 failure: None,
                 module: None,
             };
         };
         let module = slot.current();
-        let outcome = self
-            .runtime
-            .consume(&module, message, Arc::clone(&self.outbound))
-            .await;
+        let outcome = self.runtime.consume(&module, message, Arc::clone(&self.outbound)).await;
         let settlement = Settlement::from_outcome(&outcome);
         if let Settlement::DeadLetter { reason } | Settlement::Abandon { reason } = &settlement {
             tracing::debug!(module = %module.info.label(), %reason, "message not completed");
         }
-        Delivery {
-            settlement,
-            failure: outcome.err().map(|e| e.kind),
-            module: Some(Arc::clone(&module.info)),
-        }
+        Delivery { settlement, failure: outcome.err().map(|e| e.kind), module: Some(Arc::clone(&module.info)) }
     }
 
     /// Hands one request to the live producer.
     pub async fn produce(&self, request: &Request) -> Result<Response, ProduceError> {
         let slot = self.producer.as_ref().ok_or(ProduceError::NoProducer)?;
         let module = slot.current();
-        Ok(self
-            .runtime
-            .produce(&module, request, Arc::clone(&self.outbound))
-            .await?)
+        Ok(self.runtime.produce(&module, request, Arc::clone(&self.outbound)).await?)
     }
 }
 

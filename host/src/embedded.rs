@@ -24,16 +24,8 @@ pub struct EmbeddedOutbound {
 }
 
 impl EmbeddedOutbound {
-    pub fn new(
-        queue: QueueHandle,
-        bindings: impl IntoIterator<Item = String>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        EmbeddedOutbound {
-            queue,
-            bindings: bindings.into_iter().collect(),
-            metrics,
-        }
+    pub fn new(queue: QueueHandle, bindings: impl IntoIterator<Item = String>, metrics: Arc<Metrics>) -> Self {
+        EmbeddedOutbound { queue, bindings: bindings.into_iter().collect(), metrics }
     }
 }
 
@@ -41,17 +33,11 @@ impl EmbeddedOutbound {
 /// Dapr Service Bus binding (`ttlInSeconds`), so a guest sees the same
 /// behaviour in both modes.
 pub fn to_new_message(message: OutboundMessage) -> Result<NewMessage, SendError> {
-    let ttl = match message
-        .metadata
-        .iter()
-        .find(|(k, _)| k == "ttlInSeconds" || k == "ttl")
-    {
+    let ttl = match message.metadata.iter().find(|(k, _)| k == "ttlInSeconds" || k == "ttl") {
         Some((_, v)) => match v.parse::<u64>() {
             Ok(secs) if secs > 0 => Some(Duration::from_secs(secs)),
             _ => {
-                return Err(SendError::Rejected(format!(
-                    "ttlInSeconds must be a positive integer, got {v:?}"
-                )));
+                return Err(SendError::Rejected(format!("ttlInSeconds must be a positive integer, got {v:?}")));
             }
         },
         None => None,
@@ -71,25 +57,17 @@ impl Outbound for EmbeddedOutbound {
         Box::pin(async move {
             if !self.bindings.contains(binding) {
                 let known = self.bindings.iter().cloned().collect::<Vec<_>>().join(", ");
-                return Err(SendError::UnknownBinding(format!(
-                    "no binding {binding:?}; configured: {known}"
-                )));
+                return Err(SendError::UnknownBinding(format!("no binding {binding:?}; configured: {known}")));
             }
             let record = to_new_message(message)?;
-            let ids = self
-                .queue
-                .send(binding, vec![record])
-                .await
-                .map_err(|e| match e {
-                    QueueError::DiskFull(_) | QueueError::Busy { .. } | QueueError::Closed => {
-                        SendError::Unavailable(e.to_string())
-                    }
-                    other => SendError::Unavailable(other.to_string()),
-                })?;
+            let ids = self.queue.send(binding, vec![record]).await.map_err(|e| match e {
+                QueueError::DiskFull(_) | QueueError::Busy { .. } | QueueError::Closed => {
+                    SendError::Unavailable(e.to_string())
+                }
+                other => SendError::Unavailable(other.to_string()),
+            })?;
             self.metrics.sent.fetch_add(1, Ordering::Relaxed);
-            ids.into_iter()
-                .next()
-                .ok_or_else(|| SendError::Unavailable("the queue returned no id".into()))
+            ids.into_iter().next().ok_or_else(|| SendError::Unavailable("the queue returned no id".into()))
         })
     }
 }
@@ -113,12 +91,7 @@ impl Default for PoolOptions {
     fn default() -> Self {
         PoolOptions {
             queue: "orders".into(),
-            scale: ScaleRule {
-                min: 0,
-                max: 8,
-                target: 16,
-                activation: 0,
-            },
+            scale: ScaleRule { min: 0, max: 8, target: 16, activation: 0 },
             cooldown: Duration::from_secs(5),
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
@@ -130,9 +103,7 @@ impl Default for PoolOptions {
 impl PoolOptions {
     /// Exponential backoff for the `delivery`th failed delivery.
     pub fn backoff_for(&self, delivery: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(delivery.saturating_sub(1).min(16))
-            .unwrap_or(u32::MAX);
+        let factor = 1u32.checked_shl(delivery.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
         self.backoff.saturating_mul(factor).min(self.max_backoff)
     }
 }
@@ -176,8 +147,7 @@ pub async fn run_pool(
             let depth = queue.depth(&options.queue).await?;
             let in_flight = metrics.in_flight.load(Ordering::Relaxed);
             // Service Bus counts locked messages as active; so does KEDA.
-            let want =
-                scaler.observe(depth.active + in_flight.min(depth.locked), Instant::now()) as usize;
+            let want = scaler.observe(depth.active + in_flight.min(depth.locked), Instant::now()) as usize;
             let want = want.min(max);
             if want > allowed {
                 workers.add_permits(want - allowed);
@@ -226,12 +196,8 @@ pub async fn run_pool(
             continue;
         }
         for (received, permit) in batch.into_iter().zip(permits) {
-            let (queue, dispatcher, metrics, options) = (
-                queue.clone(),
-                Arc::clone(&dispatcher),
-                Arc::clone(&metrics),
-                Arc::clone(&options),
-            );
+            let (queue, dispatcher, metrics, options) =
+                (queue.clone(), Arc::clone(&dispatcher), Arc::clone(&metrics), Arc::clone(&options));
             metrics.in_flight.fetch_add(1, Ordering::Relaxed);
             deliveries.spawn(async move {
                 deliver(&queue, &dispatcher, &metrics, &options, received).await;
@@ -263,14 +229,12 @@ async fn deliver(
     let delivery = dispatcher.deliver(&message).await;
     let how = match &delivery.settlement {
         Settlement::Complete => Settle::Complete,
-        Settlement::Abandon { reason } => Settle::Abandon {
-            delay: options.backoff_for(received.delivery_count),
-            reason: reason.clone(),
-        },
-        Settlement::DeadLetter { reason } => Settle::DeadLetter {
-            reason: "RejectedByConsumer".into(),
-            description: reason.clone(),
-        },
+        Settlement::Abandon { reason } => {
+            Settle::Abandon { delay: options.backoff_for(received.delivery_count), reason: reason.clone() }
+        }
+        Settlement::DeadLetter { reason } => {
+            Settle::DeadLetter { reason: "RejectedByConsumer".into(), description: reason.clone() }
+        }
     };
     match queue.settle(received.lock, how).await {
         Ok(settled) => {
@@ -279,9 +243,7 @@ async fn deliver(
                 crate::queue::Settled::Abandoned => delivery.settlement.clone(),
                 crate::queue::Settled::DeadLettered => match &delivery.settlement {
                     Settlement::DeadLetter { .. } => delivery.settlement.clone(),
-                    other => Settlement::DeadLetter {
-                        reason: format!("max deliveries reached; last: {other:?}"),
-                    },
+                    other => Settlement::DeadLetter { reason: format!("max deliveries reached; last: {other:?}") },
                 },
             };
             match &effective {

@@ -26,10 +26,9 @@ pub type Body = Full<Bytes>;
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     response
 }
 
@@ -70,11 +69,7 @@ const DRAIN_CAP: usize = 16 << 20;
 
 /// Reads a whole body, refusing more than `limit` bytes (declared or sent,
 /// chunked or not).
-pub async fn read_body(
-    mut body: Incoming,
-    declared: Option<u64>,
-    limit: usize,
-) -> Result<Bytes, BodyError> {
+pub async fn read_body(mut body: Incoming, declared: Option<u64>, limit: usize) -> Result<Bytes, BodyError> {
     let mut kept = bytes::BytesMut::new();
     let mut seen: usize = 0;
     let mut too_large = declared.is_some_and(|len| len > limit as u64);
@@ -103,22 +98,14 @@ pub async fn read_body(
 
 /// The declared `content-length`, if any.
 pub fn content_length<B>(request: &Request<B>) -> Option<u64> {
-    request
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    request.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` turns true; then stops
 /// accepting and lets open connections finish their requests for up to
 /// `grace`.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    handler: H,
-    mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) where
+pub async fn serve<H, F>(listener: TcpListener, handler: H, mut shutdown: watch::Receiver<bool>, grace: Duration)
+where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -142,9 +129,8 @@ pub async fn serve<H, F>(
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(request).await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
+        let connection =
+            hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -153,14 +139,8 @@ pub async fn serve<H, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "connections still open after the grace period; closing them"
-        );
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "connections still open after the grace period; closing them");
     }
 }
 
@@ -168,10 +148,7 @@ pub async fn serve<H, F>(
 pub fn failure_status(kind: &FailureKind) -> StatusCode {
     match kind {
         FailureKind::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        FailureKind::ResourceLimit {
-            resource: Resource::Pool,
-            ..
-        } => StatusCode::SERVICE_UNAVAILABLE,
+        FailureKind::ResourceLimit { resource: Resource::Pool, .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -194,26 +171,17 @@ pub async fn produce(
     let headers = parts
         .headers
         .iter()
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (k.as_str().to_string(), v.to_string()))
-        })
+        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string())))
         .collect();
     let guest_request = runtime::Request {
         method: parts.method.as_str().to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into()),
+        path: parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
         headers,
         body: body.to_vec(),
     };
     match dispatcher.produce(&guest_request).await {
         Ok(answer) => {
-            let status =
-                StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = text(status, answer.body);
             for (name, value) in answer.headers {
                 if let (Ok(name), Ok(value)) = (
@@ -228,4 +196,17 @@ pub async fn produce(
         Err(ProduceError::NoProducer) => error(StatusCode::NOT_FOUND, "this host runs no producer"),
         Err(ProduceError::Invoke(e)) => error(failure_status(&e.kind), e.to_string()),
     }
+}
+
+/// The `/readyz` body: readiness, why not, and every live module with its
+/// reload state (a refused new file shows as `last_error`).
+pub fn readiness(
+    ready: bool,
+    reason: Option<&str>,
+    dispatcher: &Dispatcher,
+    reload: &crate::reload::ReloadStatus,
+) -> serde_json::Value {
+    let live: serde_json::Map<String, serde_json::Value> =
+        dispatcher.live_modules().into_iter().map(|(role, label)| (role.to_string(), label.into())).collect();
+    serde_json::json!({"ready": ready, "reason": reason, "modules": live, "reload": reload.snapshot()})
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod modules;
 pub mod outbound;
 pub mod queue;
+pub mod reload;
 pub mod runtime;
 pub mod scale;
 pub mod shutdown;

@@ -88,76 +88,31 @@ impl Metrics {
 
     /// Prometheus text exposition; `modules` are `(role, label)` pairs shown
     /// as an info metric so dashboards see which version is live.
-    pub fn render(&self, modules: &[(&str, &str)], extra: &[(&str, &str, u64)]) -> String {
+    pub fn render(&self, modules: &[(&str, String)], extra: &[(&str, &str, u64)]) -> String {
         let s = self.snapshot();
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} counter\nwasm_pc_{name} {value}"
-            );
+            let _ =
+                writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} counter\nwasm_pc_{name} {value}");
         };
-        counter(
-            "requests_total",
-            "Requests handled by the producer.",
-            s.requests,
-        );
-        counter(
-            "messages_sent_total",
-            "Messages guests sent through outbound.",
-            s.sent,
-        );
-        counter(
-            "messages_completed_total",
-            "Deliveries acknowledged.",
-            s.completed,
-        );
-        counter(
-            "messages_abandoned_total",
-            "Deliveries given back for retry.",
-            s.abandoned,
-        );
-        counter(
-            "messages_dead_lettered_total",
-            "Deliveries dead-lettered.",
-            s.dead_lettered,
-        );
+        counter("requests_total", "Requests handled by the producer.", s.requests);
+        counter("messages_sent_total", "Messages guests sent through outbound.", s.sent);
+        counter("messages_completed_total", "Deliveries acknowledged.", s.completed);
+        counter("messages_abandoned_total", "Deliveries given back for retry.", s.abandoned);
+        counter("messages_dead_lettered_total", "Deliveries dead-lettered.", s.dead_lettered);
         counter("guest_traps_total", "Invocations ended by a trap.", s.traps);
-        counter(
-            "guest_timeouts_total",
-            "Invocations ended by the time limit.",
-            s.timeouts,
-        );
-        counter(
-            "guest_limits_total",
-            "Invocations ended by a resource limit.",
-            s.limits,
-        );
-        counter(
-            "locks_lost_total",
-            "Settlements refused because the lock had expired.",
-            s.locks_lost,
-        );
-        counter(
-            "module_reloads_total",
-            "Module versions that went live.",
-            s.reloads,
-        );
-        counter(
-            "module_reload_failures_total",
-            "Module versions refused.",
-            s.reload_failures,
-        );
+        counter("guest_timeouts_total", "Invocations ended by the time limit.", s.timeouts);
+        counter("guest_limits_total", "Invocations ended by a resource limit.", s.limits);
+        counter("locks_lost_total", "Settlements refused because the lock had expired.", s.locks_lost);
+        counter("module_reloads_total", "Module versions that went live.", s.reloads);
+        counter("module_reload_failures_total", "Module versions refused.", s.reload_failures);
         let _ = writeln!(
             out,
             "# HELP wasm_pc_in_flight Deliveries running now.\n# TYPE wasm_pc_in_flight gauge\nwasm_pc_in_flight {}",
             s.in_flight
         );
         for (name, help, value) in extra {
-            let _ = writeln!(
-                out,
-                "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} gauge\nwasm_pc_{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} gauge\nwasm_pc_{name} {value}");
         }
         let _ = writeln!(
             out,

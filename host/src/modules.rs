@@ -19,50 +19,35 @@ pub struct ModuleSource {
 impl ModuleSource {
     /// `dir/<file>` for `world`, with no config.
     pub fn in_dir(dir: &Path, file: &str, world: World) -> Self {
-        ModuleSource {
-            world,
-            path: dir.join(file),
-            version: None,
-            config: BTreeMap::new(),
-        }
+        ModuleSource { world, path: dir.join(file), version: None, config: BTreeMap::new() }
     }
 
     /// A module file anywhere, with no config.
     pub fn file(path: PathBuf, world: World) -> Self {
-        ModuleSource {
-            world,
-            path,
-            version: None,
-            config: BTreeMap::new(),
-        }
+        ModuleSource { world, path, version: None, config: BTreeMap::new() }
     }
 
-    /// Reads the file into a spec named after its stem.
+    /// Reads the file into a spec named after its stem. A `<stem>.version`
+    /// file beside it (a ConfigMap key, say) names the version, over the
+    /// configured one, so a swapped module reports its own version.
     pub fn read(&self) -> std::io::Result<ModuleSpec> {
         let bytes = std::fs::read(&self.path)?;
-        let name = self
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.world.to_string());
-        Ok(ModuleSpec {
-            name,
-            bytes,
-            version: self.version.clone(),
-            config: self.config.clone(),
-        })
+        let name =
+            self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| self.world.to_string());
+        let version = std::fs::read_to_string(self.path.with_extension("version"))
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty() && v.len() <= 64)
+            .or_else(|| self.version.clone());
+        Ok(ModuleSpec { name, bytes, version, config: self.config.clone() })
     }
 }
 
 /// Parses `key=value` settings (flags or a comma-separated env value).
-pub fn parse_pairs<'a>(
-    items: impl IntoIterator<Item = &'a str>,
-) -> Result<BTreeMap<String, String>, String> {
+pub fn parse_pairs<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<BTreeMap<String, String>, String> {
     let mut map = BTreeMap::new();
     for item in items.into_iter().map(str::trim).filter(|s| !s.is_empty()) {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("{item:?} is not key=value"))?;
+        let (k, v) = item.split_once('=').ok_or_else(|| format!("{item:?} is not key=value"))?;
         if k.trim().is_empty() {
             return Err(format!("{item:?} has an empty key"));
         }
@@ -80,10 +65,7 @@ mod tests {
         let got = parse_pairs(["a=1", " b = x=y ", ""]).unwrap_or_default();
         assert_eq!(got.get("a").map(String::as_str), Some("1"));
         assert_eq!(got.get("b").map(String::as_str), Some(" x=y"));
-        assert_eq!(
-            parse_pairs(["novalue"]).err(),
-            Some("\"novalue\" is not key=value".to_string())
-        );
+        assert_eq!(parse_pairs(["novalue"]).err(), Some("\"novalue\" is not key=value".to_string()));
         assert!(parse_pairs(["=v"]).is_err());
     }
 }

@@ -25,11 +25,9 @@ pub struct NoOutbound;
 
 impl Outbound for NoOutbound {
     fn send<'a>(&'a self, binding: &'a str, _message: OutboundMessage) -> SendFuture<'a> {
-        Box::pin(async move {
-            Err(SendError::UnknownBinding(format!(
-                "no output binding named {binding:?} is configured"
-            )))
-        })
+        Box::pin(
+            async move { Err(SendError::UnknownBinding(format!("no output binding named {binding:?} is configured"))) },
+        )
     }
 }
 

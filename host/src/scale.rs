@@ -51,13 +51,7 @@ pub struct Autoscaler {
 
 impl Autoscaler {
     pub fn new(rule: ScaleRule, cooldown: Duration) -> Self {
-        Autoscaler {
-            rule,
-            cooldown,
-            current: rule.min,
-            last_active: None,
-            recent: VecDeque::new(),
-        }
+        Autoscaler { rule, cooldown, current: rule.min, last_active: None, recent: VecDeque::new() }
     }
 
     pub fn current(&self) -> u32 {
@@ -71,27 +65,12 @@ impl Autoscaler {
         }
         let recommended = self.rule.desired(length, self.current);
         self.recent.push_back((now, recommended));
-        while self
-            .recent
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > self.cooldown)
-        {
+        while self.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > self.cooldown) {
             self.recent.pop_front();
         }
-        let stabilized = self
-            .recent
-            .iter()
-            .map(|(_, r)| *r)
-            .max()
-            .unwrap_or(recommended);
-        let mut next = if recommended >= self.current {
-            recommended
-        } else {
-            stabilized.min(self.current)
-        };
-        let idle_long_enough = self
-            .last_active
-            .is_none_or(|t| now.duration_since(t) >= self.cooldown);
+        let stabilized = self.recent.iter().map(|(_, r)| *r).max().unwrap_or(recommended);
+        let mut next = if recommended >= self.current { recommended } else { stabilized.min(self.current) };
+        let idle_long_enough = self.last_active.is_none_or(|t| now.duration_since(t) >= self.cooldown);
         if self.rule.min == 0 && length <= self.rule.activation && idle_long_enough {
             next = 0;
         }
@@ -104,12 +83,7 @@ impl Autoscaler {
 mod tests {
     use super::*;
 
-    const RULE: ScaleRule = ScaleRule {
-        min: 0,
-        max: 8,
-        target: 5,
-        activation: 0,
-    };
+    const RULE: ScaleRule = ScaleRule { min: 0, max: 8, target: 5, activation: 0 };
 
     #[test]
     fn follows_keda_arithmetic() {
@@ -120,15 +94,8 @@ mod tests {
         assert_eq!(RULE.desired(1, 0), 1, "activation from zero");
         assert_eq!(RULE.desired(0, 0), 0, "stays at zero");
         assert_eq!(RULE.desired(0, 3), 1, "the HPA never asks for zero");
-        let lazy = ScaleRule {
-            activation: 10,
-            ..RULE
-        };
-        assert_eq!(
-            lazy.desired(10, 0),
-            0,
-            "activation is strictly greater than"
-        );
+        let lazy = ScaleRule { activation: 10, ..RULE };
+        assert_eq!(lazy.desired(10, 0), 0, "activation is strictly greater than");
         assert_eq!(lazy.desired(11, 0), 3);
     }
 
@@ -138,26 +105,10 @@ mod tests {
         let cooldown = Duration::from_secs(10);
         let mut scaler = Autoscaler::new(RULE, cooldown);
         assert_eq!(scaler.observe(40, t0), 8);
-        assert_eq!(
-            scaler.observe(5, t0 + Duration::from_secs(1)),
-            8,
-            "stabilized"
-        );
+        assert_eq!(scaler.observe(5, t0 + Duration::from_secs(1)), 8, "stabilized");
         assert_eq!(scaler.observe(5, t0 + Duration::from_secs(12)), 1);
-        assert_eq!(
-            scaler.observe(0, t0 + Duration::from_secs(13)),
-            1,
-            "not idle long enough"
-        );
-        assert_eq!(
-            scaler.observe(0, t0 + Duration::from_secs(23)),
-            0,
-            "back to zero after the cooldown"
-        );
-        assert_eq!(
-            scaler.observe(3, t0 + Duration::from_secs(24)),
-            1,
-            "activates again"
-        );
+        assert_eq!(scaler.observe(0, t0 + Duration::from_secs(13)), 1, "not idle long enough");
+        assert_eq!(scaler.observe(0, t0 + Duration::from_secs(23)), 0, "back to zero after the cooldown");
+        assert_eq!(scaler.observe(3, t0 + Duration::from_secs(24)), 1, "activates again");
     }
 }

@@ -5,7 +5,9 @@
 //! (recurses without bound), `log` (logs and writes to stdout/stderr),
 //! `send:<binding>` (sends the message id to `binding`), `config:<key>`
 //! (retries with the config value as its reason, so tests can read it),
-//! `sleep:<ms>` (waits on the monotonic clock, then succeeds).
+//! `sleep:<ms>` (waits on the monotonic clock, then succeeds), `whoami`
+//! (retries with this build's flavor as the reason), `tag` (sends
+//! `<flavor> <id>` to the `tags` binding, then succeeds).
 
 use exports::wasm_pc::app::consume::{ConsumeError, Guest, Message};
 use wasm_pc::app::log::{Level, log};
@@ -16,11 +18,24 @@ wit_bindgen::generate!({ world: "consumer", path: "../wit" });
 
 struct Misbehaving;
 
+/// Which build this is; see the `flavor-b` feature.
+const FLAVOR: &str = if cfg!(feature = "flavor-b") { "flavor-b" } else { "flavor-a" };
+
 impl Guest for Misbehaving {
     fn handle(message: Message) -> Result<(), ConsumeError> {
         let command = String::from_utf8_lossy(&message.body).into_owned();
         match command.as_str() {
             "ok" => Ok(()),
+            "whoami" => Err(ConsumeError::Retry(FLAVOR.into())),
+            "tag" => {
+                let out = OutboundMessage {
+                    id: Some(format!("{}-tag", message.id)),
+                    body: format!("{FLAVOR} {}", message.id).into_bytes(),
+                    content_type: Some("text/plain".into()),
+                    metadata: vec![],
+                };
+                outbound::send("tags", &out).map(|_| ()).map_err(|e| ConsumeError::Retry(format!("{e:?}")))
+            }
             "retry" => Err(ConsumeError::Retry("asked to retry".into())),
             "reject" => Err(ConsumeError::Reject("asked to reject".into())),
             "trap" => std::process::abort(),
@@ -28,11 +43,7 @@ impl Guest for Misbehaving {
             "alloc" => hoard(),
             "recurse" => Ok(recurse(1).map(|_| ())?),
             "log" => {
-                log(
-                    Level::Warn,
-                    "guest log line",
-                    &[("id".into(), message.id.clone())],
-                );
+                log(Level::Warn, "guest log line", &[("id".into(), message.id.clone())]);
                 std::io::Write::write_all(&mut std::io::stdout(), b"to stdout\n").ok();
                 std::io::Write::write_all(&mut std::io::stderr(), b"to stderr\n").ok();
                 Ok(())

@@ -11,11 +11,8 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// Guest crates and the module file each becomes.
-const GUESTS: [(&str, &str); 3] = [
-    ("guest-producer", "producer.wasm"),
-    ("guest-consumer", "consumer.wasm"),
-    ("test-guests", "faulty.wasm"),
-];
+const GUESTS: [(&str, &str); 3] =
+    [("guest-producer", "producer.wasm"), ("guest-consumer", "consumer.wasm"), ("test-guests", "faulty.wasm")];
 /// A ConfigMap holds at most 1 MiB.
 const MAX_GUEST_BYTES: u64 = 1 << 20;
 
@@ -27,20 +24,7 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => {
             guests(&root)?;
             let count = args.get(1).map(String::as_str).unwrap_or("2000");
-            cargo(
-                &root,
-                &[
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "wasm-pc",
-                    "--",
-                    "dev",
-                    "--demo",
-                    count,
-                ],
-            )
+            cargo(&root, &["run", "--release", "--quiet", "-p", "wasm-pc", "--", "dev", "--demo", count])
         }
         Some("ci") => ci(&root),
         _ => bail!("usage: cargo xtask <guests | demo [N] | ci>"),
@@ -48,25 +32,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root)
-            .args(args),
-    )
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root).args(args))
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: {command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {command:?}"))?;
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -76,31 +51,20 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
 /// Builds the guests into `target/guests` (their own target dir, as the
 /// host's tests do) and installs them as modules.
 fn guests(root: &Path) -> anyhow::Result<()> {
-    let mut args = vec![
-        "build",
-        "--quiet",
-        "--profile",
-        "guest",
-        "--target",
-        "wasm32-wasip2",
-    ];
+    let mut args = vec!["build", "--quiet", "--profile", "guest", "--target", "wasm32-wasip2"];
     for (krate, _) in GUESTS {
         args.extend(["-p", krate]);
     }
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root)
-            .args(&args)
-            .env("CARGO_TARGET_DIR", root.join("target/guests")),
-    )?;
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(&args)
+        .env("CARGO_TARGET_DIR", root.join("target/guests")))?;
     let built = root.join("target/guests/wasm32-wasip2/guest");
     let modules = root.join("target/modules");
     std::fs::create_dir_all(&modules)?;
     for (krate, file) in GUESTS {
         let from = built.join(format!("{}.wasm", krate.replace('-', "_")));
-        let size = std::fs::metadata(&from)
-            .with_context(|| format!("{} was not built", from.display()))?
-            .len();
+        let size = std::fs::metadata(&from).with_context(|| format!("{} was not built", from.display()))?.len();
         if size > MAX_GUEST_BYTES {
             bail!("{krate} is {size} bytes; a ConfigMap holds at most {MAX_GUEST_BYTES}");
         }
@@ -113,17 +77,7 @@ fn guests(root: &Path) -> anyhow::Result<()> {
 fn ci(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["fmt", "--all", "--check"])?;
     guests(root)?;
-    cargo(
-        root,
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
+    cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     test_and_count(root)
 }
 
@@ -157,10 +111,7 @@ fn test_and_count(root: &Path) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
-    writeln!(
-        std::io::stdout().lock(),
-        "ci: {passed} passed, {failed} failed"
-    )?;
+    writeln!(std::io::stdout().lock(), "ci: {passed} passed, {failed} failed")?;
     if !status.success() || failed > 0 {
         bail!("tests failed: {status}");
     }

@@ -23,6 +23,7 @@ use crate::embedded::{EmbeddedOutbound, PoolOptions, run_pool};
 use crate::http;
 use crate::metrics::Metrics;
 use crate::queue::{QueueHandle, QueueOptions};
+use crate::reload::{ReloadStatus, Reloader, Target};
 use crate::runtime::{Runtime, World};
 use crate::scale::ScaleRule;
 
@@ -38,12 +39,7 @@ pub struct DevArgs {
     #[arg(long, env = "WASM_PC_QUEUE", default_value = "orders")]
     queue: String,
     /// Output bindings guests may send to; each is a queue of the same name.
-    #[arg(
-        long,
-        env = "WASM_PC_BINDINGS",
-        value_delimiter = ',',
-        default_value = "orders"
-    )]
+    #[arg(long, env = "WASM_PC_BINDINGS", value_delimiter = ',', default_value = "orders")]
     bindings: Vec<String>,
     /// Fewest consumer workers (KEDA minReplicaCount).
     #[arg(long, env = "WASM_PC_MIN_WORKERS", default_value_t = 0)]
@@ -101,71 +97,59 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
     if !bindings.contains(&args.queue) {
         bindings.push(args.queue.clone());
     }
-    let outbound = Arc::new(EmbeddedOutbound::new(
-        queue.clone(),
-        bindings,
-        Arc::clone(&metrics),
-    ));
+    let outbound = Arc::new(EmbeddedOutbound::new(queue.clone(), bindings, Arc::clone(&metrics)));
 
     let producer_source = args.modules.source(World::Producer)?;
     let consumer_source = args.modules.source(World::Consumer)?;
-    let rt = Arc::clone(&runtime);
+    let (rt, sources) = (Arc::clone(&runtime), (producer_source.clone(), consumer_source.clone()));
     let (producer, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let read = |s: &crate::modules::ModuleSource| {
-            s.read().with_context(|| {
-                format!(
-                    "reading {} (build the guests with `cargo xtask guests`)",
-                    s.path.display()
-                )
-            })
+            s.read()
+                .with_context(|| format!("reading {} (build the guests with `cargo xtask guests`)", s.path.display()))
         };
-        let producer = rt.load_producer(read(&producer_source)?)?;
-        let consumer = rt.load_consumer(read(&consumer_source)?)?;
+        let producer = rt.load_producer(read(&sources.0)?)?;
+        let consumer = rt.load_consumer(read(&sources.1)?)?;
         Ok((producer, consumer))
     })
     .await??;
+    let (producer, consumer) = (Arc::new(Slot::new(producer)), Arc::new(Slot::new(consumer)));
     let dispatcher = Arc::new(Dispatcher::new(
-        runtime,
+        Arc::clone(&runtime),
         outbound,
-        Some(Arc::new(Slot::new(consumer))),
-        Some(Arc::new(Slot::new(producer))),
+        Some(Arc::clone(&consumer)),
+        Some(Arc::clone(&producer)),
     ));
+    let reloader = Reloader::new(
+        runtime,
+        args.modules.modules_dir.clone(),
+        vec![Target::Producer(producer_source, producer), Target::Consumer(consumer_source, consumer)],
+        Arc::clone(&metrics),
+        args.modules.rescan(),
+    );
+    let reload = reloader.status();
 
     let listen = args.listen.unwrap_or_else(|| {
         let port = if args.demo.is_some() { 0 } else { 8080 };
         SocketAddr::from(([127, 0, 0, 1], port))
     });
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
     tracing::info!("producer endpoint: POST http://{address}/produce");
 
     let (stop, stopped) = watch::channel(false);
-    let router = {
-        let (dispatcher, metrics, queue, name, limit) = (
-            Arc::clone(&dispatcher),
-            Arc::clone(&metrics),
-            queue.clone(),
-            args.queue.clone(),
-            args.max_body_bytes,
-        );
-        move |request: hyper::Request<hyper::body::Incoming>| {
-            let (dispatcher, metrics, queue, name) = (
-                Arc::clone(&dispatcher),
-                Arc::clone(&metrics),
-                queue.clone(),
-                name.clone(),
-            );
-            async move { route(request, dispatcher, metrics, queue, &name, limit).await }
-        }
-    };
-    let server = tokio::spawn(http::serve(
-        listener,
-        router,
-        stopped.clone(),
-        Duration::from_secs(10),
-    ));
+    if args.modules.reload {
+        tokio::spawn(reloader.run(stopped.clone()));
+    }
+    let state = Arc::new(Routes {
+        dispatcher: Arc::clone(&dispatcher),
+        metrics: Arc::clone(&metrics),
+        queue: queue.clone(),
+        queue_name: args.queue.clone(),
+        limit: args.max_body_bytes,
+        reload,
+    });
+    let router = move |request| Arc::clone(&state).route(request);
+    let server = tokio::spawn(http::serve(listener, router, stopped.clone(), Duration::from_secs(10)));
     let pool_options = PoolOptions {
         queue: args.queue.clone(),
         scale: ScaleRule {
@@ -185,12 +169,7 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
         pool_options,
         stopped.clone(),
     ));
-    let status = tokio::spawn(report_status(
-        queue.clone(),
-        args.queue.clone(),
-        Arc::clone(&metrics),
-        stopped.clone(),
-    ));
+    let status = tokio::spawn(report_status(queue.clone(), args.queue.clone(), Arc::clone(&metrics), stopped.clone()));
 
     let code = match args.demo {
         Some(count) => {
@@ -219,97 +198,60 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
 
 /// Business rules the demo's sample data exercises, unless set by the user.
 fn demo_config(config: &mut Vec<String>) {
-    for (key, value) in [
-        ("transient-sku", "FLAKY"),
-        ("transient-attempts", "2"),
-        ("max-order-cents", "500000"),
-    ] {
+    for (key, value) in [("transient-sku", "FLAKY"), ("transient-attempts", "2"), ("max-order-cents", "500000")] {
         if !config.iter().any(|c| c.starts_with(&format!("{key}="))) {
             config.push(format!("{key}={value}"));
         }
     }
 }
 
-async fn route(
-    request: hyper::Request<hyper::body::Incoming>,
+/// What the dev HTTP routes need.
+struct Routes {
     dispatcher: Arc<Dispatcher>,
     metrics: Arc<Metrics>,
     queue: QueueHandle,
-    queue_name: &str,
+    queue_name: String,
     limit: usize,
-) -> hyper::Response<http::Body> {
-    match (request.method(), request.uri().path()) {
-        (_, "/produce") => http::produce(dispatcher, metrics, request, limit).await,
-        (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => {
-            let modules = serde_json::json!({
-                "producer": dispatcher.producer_info().map(|m| m.label().to_string()),
-                "consumer": dispatcher.consumer_info().map(|m| m.label().to_string()),
-            });
-            http::json(
-                StatusCode::OK,
-                &serde_json::json!({"ready": true, "modules": modules}),
-            )
-        }
-        (&Method::GET, "/stats") => match queue.depth(queue_name).await {
-            Ok(depth) => http::json(
-                StatusCode::OK,
-                &serde_json::json!({"queue": queue_name, "depth": depth, "counters": metrics.snapshot()}),
-            ),
-            Err(e) => http::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        },
-        (&Method::GET, "/metrics") => {
-            let depth = queue.depth(queue_name).await.unwrap_or_default();
-            let labels: Vec<(String, String)> = [
-                ("producer", dispatcher.producer_info()),
-                ("consumer", dispatcher.consumer_info()),
-            ]
-            .into_iter()
-            .filter_map(|(role, info)| info.map(|i| (role.to_string(), i.label().to_string())))
-            .collect();
-            let modules: Vec<(&str, &str)> = labels
-                .iter()
-                .map(|(r, l)| (r.as_str(), l.as_str()))
-                .collect();
-            let gauges = [
-                (
-                    "queue_active_messages",
-                    "Messages visible in the queue.",
-                    depth.active,
+    reload: ReloadStatus,
+}
+
+impl Routes {
+    async fn route(self: Arc<Self>, request: hyper::Request<hyper::body::Incoming>) -> hyper::Response<http::Body> {
+        let (dispatcher, metrics, name) = (&self.dispatcher, &self.metrics, self.queue_name.as_str());
+        match (request.method(), request.uri().path()) {
+            (_, "/produce") => http::produce(Arc::clone(dispatcher), Arc::clone(metrics), request, self.limit).await,
+            (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => {
+                http::json(StatusCode::OK, &http::readiness(true, None, dispatcher, &self.reload))
+            }
+            (&Method::GET, "/stats") => match self.queue.depth(name).await {
+                Ok(depth) => http::json(
+                    StatusCode::OK,
+                    &serde_json::json!({"queue": name, "depth": depth, "counters": metrics.snapshot(), "modules": self.reload.snapshot()}),
                 ),
-                (
-                    "queue_locked_messages",
-                    "Messages locked by a consumer.",
-                    depth.locked,
-                ),
-                (
-                    "queue_dead_lettered_messages",
-                    "Messages in the dead-letter queue.",
-                    depth.dead_lettered,
-                ),
-            ];
-            http::text(StatusCode::OK, metrics.render(&modules, &gauges))
+                Err(e) => http::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            },
+            (&Method::GET, "/metrics") => {
+                let depth = self.queue.depth(name).await.unwrap_or_default();
+                let gauges = [
+                    ("queue_active_messages", "Messages visible in the queue.", depth.active),
+                    ("queue_locked_messages", "Messages locked by a consumer.", depth.locked),
+                    ("queue_dead_lettered_messages", "Messages in the dead-letter queue.", depth.dead_lettered),
+                ];
+                http::text(StatusCode::OK, metrics.render(&dispatcher.live_modules(), &gauges))
+            }
+            (_, "/healthz" | "/readyz" | "/stats" | "/metrics") => {
+                http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+            }
+            _ => http::error(StatusCode::NOT_FOUND, "no such route; POST /produce"),
         }
-        (_, "/healthz" | "/readyz" | "/stats" | "/metrics") => {
-            http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
-        }
-        _ => http::error(StatusCode::NOT_FOUND, "no such route; POST /produce"),
     }
 }
 
 /// A one-line live status on a terminal; a log line now and then otherwise.
-async fn report_status(
-    queue: QueueHandle,
-    name: String,
-    metrics: Arc<Metrics>,
-    mut stopped: watch::Receiver<bool>,
-) {
+async fn report_status(queue: QueueHandle, name: String, metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) {
     let tty = std::io::stderr().is_terminal();
-    let every = if tty {
-        Duration::from_millis(200)
-    } else {
-        Duration::from_secs(5)
-    };
+    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(5) };
     let mut last = None;
     loop {
         tokio::select! {
@@ -350,8 +292,8 @@ async fn demo(
     name: &str,
     metrics: &Metrics,
 ) -> anyhow::Result<usize> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let run = &uuid::Uuid::new_v4().simple().to_string()[..6];
     let orders: Vec<serde_json::Value> = (0..count).map(|i| sample_order(run, i)).collect();
     let mut accepted = 0usize;
@@ -389,10 +331,7 @@ async fn demo(
         if depth.pending() == 0 && metrics.in_flight.load(Ordering::Relaxed) == 0 {
             return Ok(accepted);
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the queue did not drain within 5 minutes: {depth:?}"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "the queue did not drain within 5 minutes: {depth:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -425,39 +364,13 @@ fn print_summary(
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
     writeln!(out, "wasm-pc dev --demo {requested}: done in {secs:.2} s")?;
-    writeln!(
-        out,
-        "  {:<34} {:>8}",
-        "orders accepted by producer.wasm", accepted
-    )?;
+    writeln!(out, "  {:<34} {:>8}", "orders accepted by producer.wasm", accepted)?;
     writeln!(out, "  {:<34} {:>8}", "messages enqueued (durable)", s.sent)?;
-    writeln!(
-        out,
-        "  {:<34} {:>8}",
-        "completed by consumer.wasm", s.completed
-    )?;
-    writeln!(
-        out,
-        "  {:<34} {:>8}",
-        "retried (SKU FLAKY, then ok)", s.abandoned
-    )?;
-    writeln!(
-        out,
-        "  {:<34} {:>8}",
-        "dead-lettered (over credit limit)", s.dead_lettered
-    )?;
-    writeln!(
-        out,
-        "  {:<34} {:>8}",
-        "host-ended (trap/timeout/limit)",
-        s.traps + s.timeouts + s.limits
-    )?;
-    writeln!(
-        out,
-        "  {:<34} {:>8.0}",
-        "orders/s, produce to settle",
-        accepted as f64 / secs
-    )?;
+    writeln!(out, "  {:<34} {:>8}", "completed by consumer.wasm", s.completed)?;
+    writeln!(out, "  {:<34} {:>8}", "retried (SKU FLAKY, then ok)", s.abandoned)?;
+    writeln!(out, "  {:<34} {:>8}", "dead-lettered (over credit limit)", s.dead_lettered)?;
+    writeln!(out, "  {:<34} {:>8}", "host-ended (trap/timeout/limit)", s.traps + s.timeouts + s.limits)?;
+    writeln!(out, "  {:<34} {:>8.0}", "orders/s, produce to settle", accepted as f64 / secs)?;
     writeln!(out)?;
     writeln!(
         out,

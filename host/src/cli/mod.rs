@@ -22,12 +22,7 @@ use crate::runtime::{Limits, RuntimeOptions, World};
 #[command(name = "wasm-pc", version, about)]
 pub struct Cli {
     /// Log format: `text` or `json`.
-    #[arg(
-        long,
-        env = "WASM_PC_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
+    #[arg(long, env = "WASM_PC_LOG_FORMAT", default_value = "text", global = true)]
     log_format: String,
     #[command(subcommand)]
     command: Command,
@@ -68,22 +63,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run_async(
-    future: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
-) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(future)
+fn run_async(future: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_PC_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_PC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -136,18 +123,10 @@ struct ModuleArgs {
     #[arg(long, env = "WASM_PC_CONSUMER_FILE", default_value = "consumer.wasm")]
     consumer_file: String,
     /// Config for the producer, `key=value` (repeat, or comma-separated in the env var).
-    #[arg(
-        long = "producer-config",
-        env = "WASM_PC_PRODUCER_CONFIG",
-        value_delimiter = ','
-    )]
+    #[arg(long = "producer-config", env = "WASM_PC_PRODUCER_CONFIG", value_delimiter = ',')]
     producer_config: Vec<String>,
     /// Config for the consumer, `key=value`.
-    #[arg(
-        long = "consumer-config",
-        env = "WASM_PC_CONSUMER_CONFIG",
-        value_delimiter = ','
-    )]
+    #[arg(long = "consumer-config", env = "WASM_PC_CONSUMER_CONFIG", value_delimiter = ',')]
     consumer_config: Vec<String>,
     /// Version label of the producer, shown with its hash in logs and metrics.
     #[arg(long, env = "WASM_PC_PRODUCER_VERSION")]
@@ -155,25 +134,27 @@ struct ModuleArgs {
     /// Version label of the consumer.
     #[arg(long, env = "WASM_PC_CONSUMER_VERSION")]
     consumer_version: Option<String>,
+    /// Watch the modules directory and swap changed modules in.
+    #[arg(long, env = "WASM_PC_RELOAD", default_value_t = true, action = clap::ArgAction::Set)]
+    reload: bool,
+    /// Seconds between re-scans that back up missed file events.
+    #[arg(long, env = "WASM_PC_RESCAN_SECS", default_value_t = 5.0)]
+    rescan_secs: f64,
 }
 
 impl ModuleArgs {
+    fn rescan(&self) -> Duration {
+        Duration::from_secs_f64(self.rescan_secs.max(0.1))
+    }
+
     fn source(&self, world: World) -> anyhow::Result<ModuleSource> {
         let (file, config, version) = match world {
-            World::Producer => (
-                &self.producer_file,
-                &self.producer_config,
-                &self.producer_version,
-            ),
-            World::Consumer => (
-                &self.consumer_file,
-                &self.consumer_config,
-                &self.consumer_version,
-            ),
+            World::Producer => (&self.producer_file, &self.producer_config, &self.producer_version),
+            World::Consumer => (&self.consumer_file, &self.consumer_config, &self.consumer_version),
         };
         let mut source = ModuleSource::in_dir(&self.modules_dir, file, world);
-        source.config = parse_pairs(config.iter().map(String::as_str))
-            .map_err(|e| anyhow::anyhow!("{world} config: {e}"))?;
+        source.config =
+            parse_pairs(config.iter().map(String::as_str)).map_err(|e| anyhow::anyhow!("{world} config: {e}"))?;
         source.version = version.clone();
         Ok(source)
     }
@@ -184,15 +165,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

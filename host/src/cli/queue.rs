@@ -73,10 +73,7 @@ pub fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
                 None => db.queues()?,
             };
             if args.json {
-                let rows: Vec<_> = all
-                    .iter()
-                    .map(|(q, d)| serde_json::json!({"queue": q, "depth": d}))
-                    .collect();
+                let rows: Vec<_> = all.iter().map(|(q, d)| serde_json::json!({"queue": q, "depth": d})).collect();
                 writeln!(out, "{}", serde_json::Value::Array(rows))?;
             } else {
                 writeln!(
@@ -93,36 +90,19 @@ pub fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        QueueCommand::Peek {
-            queue,
-            limit,
-            db: args,
-        } => {
+        QueueCommand::Peek { queue, limit, db: args } => {
             let messages = open(&args)?.peek(&queue, false, limit)?;
             print_messages(&mut out, &messages, args.json)?;
         }
-        QueueCommand::DeadLetters {
-            queue,
-            limit,
-            db: args,
-        } => {
+        QueueCommand::DeadLetters { queue, limit, db: args } => {
             let messages = open(&args)?.peek(&queue, true, limit)?;
             print_messages(&mut out, &messages, args.json)?;
         }
-        QueueCommand::Requeue {
-            queue,
-            ids,
-            db: args,
-        } => {
+        QueueCommand::Requeue { queue, ids, db: args } => {
             let moved = open(&args)?.requeue(&queue, &ids)?;
             report(&mut out, args.json, "requeued", moved)?;
         }
-        QueueCommand::Purge {
-            queue,
-            dead_letters,
-            all,
-            db: args,
-        } => {
+        QueueCommand::Purge { queue, dead_letters, all, db: args } => {
             let target = match (dead_letters, all) {
                 (_, true) => PurgeTarget::All,
                 (true, false) => PurgeTarget::DeadLetters,
@@ -145,11 +125,7 @@ fn report(out: &mut impl Write, json: bool, what: &str, count: usize) -> std::io
 
 fn print_messages(out: &mut impl Write, messages: &[Peeked], json: bool) -> std::io::Result<()> {
     if json {
-        return writeln!(
-            out,
-            "{}",
-            serde_json::to_string(messages).unwrap_or_else(|_| "[]".into())
-        );
+        return writeln!(out, "{}", serde_json::to_string(messages).unwrap_or_else(|_| "[]".into()));
     }
     if messages.is_empty() {
         return writeln!(out, "(none)");
@@ -161,11 +137,7 @@ fn print_messages(out: &mut impl Write, messages: &[Peeked], json: bool) -> std:
             m.sequence, m.id, m.state, m.delivery_count, m.body_bytes
         )?;
         if let Some(reason) = &m.dead_letter_reason {
-            writeln!(
-                out,
-                "    reason: {reason}: {}",
-                m.dead_letter_description.as_deref().unwrap_or("")
-            )?;
+            writeln!(out, "    reason: {reason}: {}", m.dead_letter_description.as_deref().unwrap_or(""))?;
         }
         writeln!(out, "    body: {}", m.body_preview)?;
     }

@@ -25,6 +25,7 @@ use crate::dapr::{App, AppOptions, DaprClient, DaprOutbound, RetryPolicy};
 use crate::dispatch::{Dispatcher, Slot};
 use crate::http;
 use crate::metrics::Metrics;
+use crate::reload::{Reloader, Target};
 use crate::runtime::{Runtime, World};
 
 /// Which modules this host runs.
@@ -97,63 +98,54 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Listen first: daprd dials the app port and probes the binding before
     // anything else, and must not wait for module compilation.
     let address = SocketAddr::new(args.listen_address, args.app_port);
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address}"))?;
+    let listener = TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))?;
     tracing::info!(role = ?args.role, "app listening for daprd on {}", listener.local_addr()?);
 
     let metrics = Arc::new(Metrics::default());
     let token = std::env::var("DAPR_API_TOKEN").ok();
-    let retry = RetryPolicy {
-        attempts: args.send_attempts.max(1),
-        ..RetryPolicy::default()
-    };
+    let retry = RetryPolicy { attempts: args.send_attempts.max(1), ..RetryPolicy::default() };
     let client = DaprClient::new(args.dapr_http_port, token, retry);
     let outbound = Arc::new(DaprOutbound::new(client.clone(), Arc::clone(&metrics)));
 
     let runtime = Arc::new(Runtime::new(args.runtime.options())?);
-    let producer_source = produces
-        .then(|| args.modules.source(World::Producer))
-        .transpose()?;
-    let consumer_source = consumes
-        .then(|| args.modules.source(World::Consumer))
-        .transpose()?;
-    let rt = Arc::clone(&runtime);
+    let producer_source = produces.then(|| args.modules.source(World::Producer)).transpose()?;
+    let consumer_source = consumes.then(|| args.modules.source(World::Consumer)).transpose()?;
+    let (rt, sources) = (Arc::clone(&runtime), (producer_source.clone(), consumer_source.clone()));
     let (producer, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let read = |s: &crate::modules::ModuleSource| {
-            s.read()
-                .with_context(|| format!("reading {}", s.path.display()))
-        };
-        let producer = producer_source
-            .map(|s| read(&s).and_then(|spec| Ok(rt.load_producer(spec)?)))
-            .transpose()?;
-        let consumer = consumer_source
-            .map(|s| read(&s).and_then(|spec| Ok(rt.load_consumer(spec)?)))
-            .transpose()?;
+        let read = |s: &crate::modules::ModuleSource| s.read().with_context(|| format!("reading {}", s.path.display()));
+        let producer = sources.0.map(|s| read(&s).and_then(|spec| Ok(rt.load_producer(spec)?))).transpose()?;
+        let consumer = sources.1.map(|s| read(&s).and_then(|spec| Ok(rt.load_consumer(spec)?))).transpose()?;
         Ok((producer, consumer))
     })
     .await??;
+    let producer = producer.map(|m| Arc::new(Slot::new(m)));
+    let consumer = consumer.map(|m| Arc::new(Slot::new(m)));
+    let mut targets = Vec::new();
+    if let (Some(source), Some(slot)) = (producer_source, &producer) {
+        targets.push(Target::Producer(source, Arc::clone(slot)));
+    }
+    if let (Some(source), Some(slot)) = (consumer_source, &consumer) {
+        targets.push(Target::Consumer(source, Arc::clone(slot)));
+    }
     let dispatcher = Arc::new(Dispatcher::new(
-        runtime,
+        Arc::clone(&runtime),
         Arc::clone(&outbound) as Arc<dyn crate::outbound::Outbound>,
-        consumer.map(|m| Arc::new(Slot::new(m))),
-        producer.map(|m| Arc::new(Slot::new(m))),
+        consumer,
+        producer,
     ));
+    let reloader =
+        Reloader::new(runtime, args.modules.modules_dir.clone(), targets, Arc::clone(&metrics), args.modules.rescan());
+    let reload = reloader.status();
 
     let input_route = consumes.then(|| {
-        let raw = args
-            .input_route
-            .clone()
-            .unwrap_or_else(|| args.input_binding.clone());
+        let raw = args.input_route.clone().unwrap_or_else(|| args.input_binding.clone());
         normalize_route(&raw)
     });
     let app = Arc::new(App::new(
         AppOptions {
             input_route: input_route.clone(),
             produce_route: produces.then(|| normalize_route(&args.produce_route)),
-            app_token: std::env::var("APP_API_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty()),
+            app_token: std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty()),
             max_concurrency: args.max_concurrency,
             max_body_bytes: args.max_body_bytes,
             dead_letter_binding: args.dead_letter_binding.clone(),
@@ -162,12 +154,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         dispatcher,
         metrics,
         outbound,
+        reload,
     ));
     if let Some(route) = &input_route {
         tracing::info!(%route, "input binding route ready");
     }
 
     let (stop, stopped) = watch::channel(false);
+    if args.modules.reload {
+        tokio::spawn(reloader.run(stopped.clone()));
+    }
     let watcher = tokio::spawn(watch_sidecar(client, Arc::clone(&app), stopped.clone()));
     let handler = {
         let app = Arc::clone(&app);
@@ -175,26 +171,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let deadline = Duration::from_secs_f64(args.shutdown_deadline_secs);
     let drain = Duration::from_secs_f64(args.drain_secs);
-    let server = tokio::spawn(http::serve(
-        listener,
-        handler,
-        stopped.clone(),
-        deadline.saturating_sub(drain),
-    ));
+    let server = tokio::spawn(http::serve(listener, handler, stopped.clone(), deadline.saturating_sub(drain)));
 
     shutdown_signal().await;
     let signalled = Instant::now();
     app.draining.store(true, Ordering::Relaxed);
-    tracing::info!(
-        ?drain,
-        ?deadline,
-        "SIGTERM: still serving while daprd drains"
-    );
+    tracing::info!(?drain, ?deadline, "SIGTERM: still serving while daprd drains");
     tokio::time::sleep(drain).await;
-    tracing::info!(
-        in_flight = app.in_flight(),
-        "drain window over: no new connections; finishing in-flight work"
-    );
+    tracing::info!(in_flight = app.in_flight(), "drain window over: no new connections; finishing in-flight work");
     let _ = stop.send(true);
     let _ = server.await;
     let _ = watcher.await;
@@ -204,10 +188,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// daprd cleans the route with `path.Clean` and a leading `/`.
 fn normalize_route(raw: &str) -> String {
-    let parts: Vec<&str> = raw
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
+    let parts: Vec<&str> = raw.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     format!("/{}", parts.join("/"))
 }
 
@@ -222,11 +203,7 @@ async fn watch_sidecar(client: DaprClient, app: Arc<App>, mut stopped: watch::Re
             tracing::info!(ready, "daprd outbound API (/v1.0/healthz/outbound)");
             was = ready;
         }
-        let pause = if ready {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_millis(200)
-        };
+        let pause = if ready { Duration::from_secs(5) } else { Duration::from_millis(200) };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = crate::shutdown::requested(&mut stopped) => return,

@@ -39,13 +39,7 @@ pub struct CompileArgs {
 
 /// Exit 0 when the module would load, 1 (with the reason) when not.
 pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let runtime = Runtime::new(
-        RuntimeArgs {
-            max_instances: 1,
-            ..args.runtime.clone()
-        }
-        .options(),
-    )?;
+    let runtime = Runtime::new(RuntimeArgs { max_instances: 1, ..args.runtime.clone() }.options())?;
     let spec = ModuleSource::file(args.file.clone(), args.world)
         .read()
         .with_context(|| format!("reading {}", args.file.display()))?;
@@ -56,26 +50,17 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         Ok(module) => {
             let info = module.info();
             if args.json {
-                let v = serde_json::json!({"ok": true, "world": args.world, "module": info.label(), "bytes": info.size});
+                let v =
+                    serde_json::json!({"ok": true, "world": args.world, "module": info.label(), "bytes": info.size});
                 writeln!(out, "{v}")?;
             } else {
-                writeln!(
-                    out,
-                    "ok: {} implements the {} world ({} bytes)",
-                    info.label(),
-                    args.world,
-                    info.size
-                )?;
+                writeln!(out, "ok: {} implements the {} world ({} bytes)", info.label(), args.world, info.size)?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {
             if args.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"ok": false, "world": args.world, "error": error.to_string()})
-                )?;
+                writeln!(out, "{}", serde_json::json!({"ok": false, "world": args.world, "error": error.to_string()}))?;
             } else {
                 writeln!(out, "refused: {error}")?;
             }
@@ -85,19 +70,12 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn compile(args: CompileArgs) -> anyhow::Result<ExitCode> {
-    let runtime = Runtime::new(
-        RuntimeArgs {
-            max_instances: 1,
-            ..args.runtime.clone()
-        }
-        .options(),
-    )?;
+    let runtime = Runtime::new(RuntimeArgs { max_instances: 1, ..args.runtime.clone() }.options())?;
     let spec = ModuleSource::file(args.file.clone(), args.world)
         .read()
         .with_context(|| format!("reading {}", args.file.display()))?;
     let artifact = runtime.precompile(spec, args.world)?;
-    std::fs::write(&args.output, &artifact)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    std::fs::write(&args.output, &artifact).with_context(|| format!("writing {}", args.output.display()))?;
     tracing::info!(output = %args.output.display(), bytes = artifact.len(), "precompiled");
     Ok(ExitCode::SUCCESS)
 }

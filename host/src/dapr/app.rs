@@ -28,6 +28,7 @@ use crate::dispatch::{Dispatcher, Settlement};
 use crate::http::{self, Body};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, OutboundMessage};
+use crate::reload::ReloadStatus;
 use crate::runtime::Message;
 
 /// How the app side is set up.
@@ -62,6 +63,7 @@ pub struct App {
     /// Set after SIGTERM: still serving, but reporting not ready.
     pub draining: AtomicBool,
     peak_in_flight: AtomicU64,
+    reload: ReloadStatus,
 }
 
 impl App {
@@ -70,6 +72,7 @@ impl App {
         dispatcher: Arc<Dispatcher>,
         metrics: Arc<Metrics>,
         outbound: Arc<DaprOutbound>,
+        reload: ReloadStatus,
     ) -> Self {
         let permits = options.max_concurrency.max(1);
         let attempts = Attempts::new(options.attempt_memory);
@@ -83,6 +86,7 @@ impl App {
             sidecar_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             peak_in_flight: AtomicU64::new(0),
+            reload,
         }
     }
 
@@ -96,15 +100,10 @@ impl App {
         let path = request.uri().path().to_string();
         if self.options.input_route.as_deref() == Some(path.as_str()) {
             return match *request.method() {
-                Method::OPTIONS if self.authorized(&request) => {
-                    http::json(StatusCode::OK, &serde_json::json!({}))
-                }
+                Method::OPTIONS if self.authorized(&request) => http::json(StatusCode::OK, &serde_json::json!({})),
                 Method::OPTIONS => unauthorized(),
                 Method::POST => self.deliver(request).await,
-                _ => http::error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "the binding route takes OPTIONS and POST",
-                ),
+                _ => http::error(StatusCode::METHOD_NOT_ALLOWED, "the binding route takes OPTIONS and POST"),
             };
         }
         if self.options.produce_route.as_deref() == Some(path.as_str()) {
@@ -112,25 +111,15 @@ impl App {
                 return http::error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
             }
             let traceparent = header(&request, "traceparent");
-            let (dispatcher, metrics, limit) = (
-                Arc::clone(&self.dispatcher),
-                Arc::clone(&self.metrics),
-                self.options.max_body_bytes,
-            );
-            return TRACEPARENT
-                .scope(
-                    traceparent,
-                    http::produce(dispatcher, metrics, request, limit),
-                )
-                .await;
+            let (dispatcher, metrics, limit) =
+                (Arc::clone(&self.dispatcher), Arc::clone(&self.metrics), self.options.max_body_bytes);
+            return TRACEPARENT.scope(traceparent, http::produce(dispatcher, metrics, request, limit)).await;
         }
         match (request.method(), path.as_str()) {
             (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readiness(),
             (&Method::GET, "/metrics") => http::text(StatusCode::OK, self.render_metrics()),
-            (_, "/healthz" | "/readyz" | "/metrics") => {
-                http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
-            }
+            (_, "/healthz" | "/readyz" | "/metrics") => http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
             _ => http::error(StatusCode::NOT_FOUND, format!("no route {path}")),
         }
     }
@@ -139,11 +128,7 @@ impl App {
         let Some(expected) = &self.options.app_token else {
             return true;
         };
-        let given = request
-            .headers()
-            .get("dapr-api-token")
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
+        let given = request.headers().get("dapr-api-token").map(|v| v.as_bytes()).unwrap_or_default();
         constant_time_eq(given, expected.as_bytes())
     }
 
@@ -157,10 +142,7 @@ impl App {
             Ok(body) => body,
             Err(e) => return e.response(),
         };
-        let headers = parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_bytes()));
+        let headers = parts.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
         let decoded = match codec::decode_delivery(headers, &body) {
             Ok(decoded) => decoded,
             // It will never decode: settle it as poison.
@@ -180,14 +162,8 @@ impl App {
             metadata: decoded.metadata,
             delivery_count: Some(attempt),
         };
-        let traceparent = message
-            .metadata
-            .iter()
-            .find(|(k, _)| k == "traceparent")
-            .map(|(_, v)| v.clone());
-        let delivery = TRACEPARENT
-            .scope(traceparent, self.dispatcher.deliver(&message))
-            .await;
+        let traceparent = message.metadata.iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v.clone());
+        let delivery = TRACEPARENT.scope(traceparent, self.dispatcher.deliver(&message)).await;
         self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         match delivery.settlement {
             Settlement::Complete => {
@@ -197,16 +173,8 @@ impl App {
                 http::json(StatusCode::OK, &serde_json::json!({}))
             }
             Settlement::Abandon { reason } => {
-                self.metrics.record(
-                    &Settlement::Abandon {
-                        reason: reason.clone(),
-                    },
-                    delivery.failure.as_ref(),
-                );
-                http::json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &serde_json::json!({"error": reason, "outcome": "retry"}),
-                )
+                self.metrics.record(&Settlement::Abandon { reason: reason.clone() }, delivery.failure.as_ref());
+                http::json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": reason, "outcome": "retry"}))
             }
             Settlement::DeadLetter { reason } => self.reject(&message, reason).await,
         }
@@ -217,12 +185,7 @@ impl App {
     /// the queue's max delivery count.
     async fn reject(&self, message: &Message, reason: String) -> Response<Body> {
         let Some(binding) = &self.options.dead_letter_binding else {
-            self.metrics.record(
-                &Settlement::Abandon {
-                    reason: reason.clone(),
-                },
-                None,
-            );
+            self.metrics.record(&Settlement::Abandon { reason: reason.clone() }, None);
             tracing::warn!(id = %message.id, %reason, "poison message: no dead-letter binding configured, so it is refused until Service Bus dead-letters it after the queue's max delivery count");
             return http::json(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -232,10 +195,7 @@ impl App {
         let mut metadata = message.metadata.clone();
         metadata.push(("deadletter-reason".to_string(), reason.clone()));
         if let Some(route) = &self.options.input_route {
-            metadata.push((
-                "deadletter-source".to_string(),
-                route.trim_start_matches('/').to_string(),
-            ));
+            metadata.push(("deadletter-source".to_string(), route.trim_start_matches('/').to_string()));
         }
         let copy = OutboundMessage {
             id: Some(message.id.clone()),
@@ -246,25 +206,12 @@ impl App {
         match self.outbound.send(binding, copy).await {
             Ok(_) => {
                 self.attempts.forget(&message.id);
-                self.metrics.record(
-                    &Settlement::DeadLetter {
-                        reason: reason.clone(),
-                    },
-                    None,
-                );
+                self.metrics.record(&Settlement::DeadLetter { reason: reason.clone() }, None);
                 tracing::warn!(id = %message.id, %binding, %reason, "poison message sent to the dead-letter binding");
-                http::json(
-                    StatusCode::OK,
-                    &serde_json::json!({"outcome": "dead-lettered"}),
-                )
+                http::json(StatusCode::OK, &serde_json::json!({"outcome": "dead-lettered"}))
             }
             Err(error) => {
-                self.metrics.record(
-                    &Settlement::Abandon {
-                        reason: reason.clone(),
-                    },
-                    None,
-                );
+                self.metrics.record(&Settlement::Abandon { reason: reason.clone() }, None);
                 tracing::error!(id = %message.id, %binding, ?error, "cannot dead-letter; refusing the message so it is redelivered");
                 http::json(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -275,58 +222,29 @@ impl App {
     }
 
     fn readiness(&self) -> Response<Body> {
-        let modules = serde_json::json!({
-            "producer": self.dispatcher.producer_info().map(|m| m.label().to_string()),
-            "consumer": self.dispatcher.consumer_info().map(|m| m.label().to_string()),
-        });
-        let needs_sidecar =
-            self.options.produce_route.is_some() || self.options.dead_letter_binding.is_some();
+        let needs_sidecar = self.options.produce_route.is_some() || self.options.dead_letter_binding.is_some();
         let sidecar = self.sidecar_ready.load(Ordering::Relaxed);
-        let draining = self.draining.load(Ordering::Relaxed);
-        let ready = !draining && (sidecar || !needs_sidecar);
-        let status = if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        let reason = if draining {
+        let reason = if self.draining.load(Ordering::Relaxed) {
             Some("draining after SIGTERM")
-        } else if !ready {
+        } else if needs_sidecar && !sidecar {
             Some("waiting for daprd's outbound API (/v1.0/healthz/outbound)")
         } else {
             None
         };
-        http::json(
-            status,
-            &serde_json::json!({"ready": ready, "reason": reason, "sidecar": sidecar, "modules": modules}),
-        )
+        let status = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        http::json(status, &http::readiness(reason.is_none(), reason, &self.dispatcher, &self.reload))
     }
 
     fn render_metrics(&self) -> String {
-        let labels: Vec<(String, String)> = [
-            ("producer", self.dispatcher.producer_info()),
-            ("consumer", self.dispatcher.consumer_info()),
-        ]
-        .into_iter()
-        .filter_map(|(role, info)| info.map(|i| (role.to_string(), i.label().to_string())))
-        .collect();
-        let modules: Vec<(&str, &str)> = labels
-            .iter()
-            .map(|(r, l)| (r.as_str(), l.as_str()))
-            .collect();
         let gauges = [
-            (
-                "in_flight_peak",
-                "Most deliveries that ran at once.",
-                self.peak_in_flight.load(Ordering::Relaxed),
-            ),
+            ("in_flight_peak", "Most deliveries that ran at once.", self.peak_in_flight.load(Ordering::Relaxed)),
             (
                 "sidecar_ready",
                 "1 when daprd's outbound API answers.",
                 u64::from(self.sidecar_ready.load(Ordering::Relaxed)),
             ),
         ];
-        self.metrics.render(&modules, &gauges)
+        self.metrics.render(&self.dispatcher.live_modules(), &gauges)
     }
 }
 
@@ -335,21 +253,11 @@ fn unauthorized() -> Response<Body> {
 }
 
 fn header<B>(request: &Request<B>, name: &str) -> Option<String> {
-    request
-        .headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 fn fallback_message(body: &[u8]) -> Message {
-    Message {
-        id: String::new(),
-        body: body.to_vec(),
-        content_type: None,
-        metadata: vec![],
-        delivery_count: None,
-    }
+    Message { id: String::new(), body: body.to_vec(), content_type: None, metadata: vec![], delivery_count: None }
 }
 
 /// Compares without an early exit, so timing says nothing about the token.
@@ -373,10 +281,7 @@ struct Attempts {
 
 impl Attempts {
     fn new(capacity: usize) -> Self {
-        Attempts {
-            capacity: capacity.max(1),
-            inner: Mutex::new((HashMap::new(), VecDeque::new())),
-        }
+        Attempts { capacity: capacity.max(1), inner: Mutex::new((HashMap::new(), VecDeque::new())) }
     }
 
     fn next(&self, id: &str) -> u32 {

@@ -51,21 +51,14 @@ pub enum BindingError {
     #[error("daprd has no output binding {0:?}: {1}")]
     UnknownBinding(String, String),
     #[error("daprd failed to invoke the binding ({status} {code}): {message}")]
-    Failed {
-        status: u16,
-        code: String,
-        message: String,
-    },
+    Failed { status: u16, code: String, message: String },
     #[error("daprd is unreachable: {0}")]
     Unreachable(String),
 }
 
 impl BindingError {
     fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            BindingError::Failed { .. } | BindingError::Unreachable(_)
-        )
+        matches!(self, BindingError::Failed { .. } | BindingError::Unreachable(_))
     }
 }
 
@@ -73,12 +66,8 @@ impl From<BindingError> for SendError {
     fn from(e: BindingError) -> SendError {
         match e {
             BindingError::UnknownBinding(..) => SendError::UnknownBinding(e.to_string()),
-            BindingError::Unauthorized(_) | BindingError::Malformed { .. } => {
-                SendError::Rejected(e.to_string())
-            }
-            BindingError::Failed { .. } | BindingError::Unreachable(_) => {
-                SendError::Unavailable(e.to_string())
-            }
+            BindingError::Unauthorized(_) | BindingError::Malformed { .. } => SendError::Rejected(e.to_string()),
+            BindingError::Failed { .. } | BindingError::Unreachable(_) => SendError::Unavailable(e.to_string()),
         }
     }
 }
@@ -101,19 +90,13 @@ impl DaprClient {
         let http = Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        DaprClient {
-            base: format!("http://127.0.0.1:{port}"),
-            token: token.filter(|t| !t.is_empty()),
-            http,
-            retry,
-        }
+        DaprClient { base: format!("http://127.0.0.1:{port}"), token: token.filter(|t| !t.is_empty()), http, retry }
     }
 
     /// One probe of `GET /v1.0/healthz/outbound`: 204 once components are
     /// loaded. (Never `/v1.0/healthz`, which waits for this app.)
     pub async fn outbound_ready(&self) -> bool {
-        let request = hyper::Request::get(format!("{}/v1.0/healthz/outbound", self.base))
-            .body(Full::new(Bytes::new()));
+        let request = hyper::Request::get(format!("{}/v1.0/healthz/outbound", self.base)).body(Full::new(Bytes::new()));
         let Ok(request) = request else { return false };
         match tokio::time::timeout(Duration::from_secs(2), self.http.request(request)).await {
             Ok(Ok(response)) => response.status().is_success(),
@@ -129,12 +112,9 @@ impl DaprClient {
         data: &serde_json::Value,
         metadata: &[(String, String)],
     ) -> Result<(), BindingError> {
-        let metadata: serde_json::Map<String, serde_json::Value> = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
-        let body = serde_json::json!({ "data": data, "metadata": metadata, "operation": "create" })
-            .to_string();
+        let metadata: serde_json::Map<String, serde_json::Value> =
+            metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        let body = serde_json::json!({ "data": data, "metadata": metadata, "operation": "create" }).to_string();
         let body = Bytes::from(body);
         let mut delay = self.retry.first_delay;
         let mut attempt = 1;
@@ -163,27 +143,16 @@ impl DaprClient {
         if let Ok(Some(tp)) = TRACEPARENT.try_with(Clone::clone) {
             request = request.header("traceparent", tp);
         }
-        let request = request
-            .body(Full::new(body))
-            .map_err(|e| BindingError::Unreachable(e.to_string()))?;
-        let response =
-            match tokio::time::timeout(self.retry.timeout, self.http.request(request)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => return Err(BindingError::Unreachable(e.to_string())),
-                Err(_) => {
-                    return Err(BindingError::Unreachable(format!(
-                        "no answer within {:?}",
-                        self.retry.timeout
-                    )));
-                }
-            };
+        let request = request.body(Full::new(body)).map_err(|e| BindingError::Unreachable(e.to_string()))?;
+        let response = match tokio::time::timeout(self.retry.timeout, self.http.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(BindingError::Unreachable(e.to_string())),
+            Err(_) => {
+                return Err(BindingError::Unreachable(format!("no answer within {:?}", self.retry.timeout)));
+            }
+        };
         let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         if status.is_success() {
             return Ok(());
         }
@@ -191,10 +160,7 @@ impl DaprClient {
         let (code, message) = match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(v) => (
                 v["errorCode"].as_str().unwrap_or_default().to_string(),
-                v["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| text.clone()),
+                v["message"].as_str().map(str::to_string).unwrap_or_else(|| text.clone()),
             ),
             Err(_) => (String::new(), text),
         };
@@ -206,11 +172,7 @@ impl DaprClient {
             {
                 BindingError::UnknownBinding(binding.to_string(), message)
             }
-            _ => BindingError::Failed {
-                status: status.as_u16(),
-                code,
-                message,
-            },
+            _ => BindingError::Failed { status: status.as_u16(), code, message },
         })
     }
 }

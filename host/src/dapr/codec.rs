@@ -39,16 +39,12 @@ const NOT_METADATA: &[&str] = &[
 
 /// The `data` field for a body: the JSON value itself when the body is JSON,
 /// else a base64 string plus the metadata that says so.
-pub fn encode_data(
-    body: &[u8],
-    content_type: Option<&str>,
-) -> (serde_json::Value, Vec<(String, String)>) {
+pub fn encode_data(body: &[u8], content_type: Option<&str>) -> (serde_json::Value, Vec<(String, String)>) {
     let mut extra = Vec::new();
     if let Some(ct) = content_type {
         extra.push((CONTENT_TYPE.to_string(), ct.to_string()));
     }
-    let says_json =
-        content_type.is_none_or(|ct| ct.starts_with("application/json") || ct.ends_with("+json"));
+    let says_json = content_type.is_none_or(|ct| ct.starts_with("application/json") || ct.ends_with("+json"));
     if says_json && let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
         return (value, extra);
     }
@@ -106,23 +102,13 @@ pub fn decode_delivery<'a>(
     let body = match encoding.as_deref() {
         None => body.to_vec(),
         Some("base64") => {
-            let text: String = serde_json::from_slice(body).map_err(|e| {
-                DecodeError(format!(
-                    "{ENCODING}=base64 but the body is not a JSON string: {e}"
-                ))
-            })?;
-            STANDARD
-                .decode(text)
-                .map_err(|e| DecodeError(format!("bad base64 body: {e}")))?
+            let text: String = serde_json::from_slice(body)
+                .map_err(|e| DecodeError(format!("{ENCODING}=base64 but the body is not a JSON string: {e}")))?;
+            STANDARD.decode(text).map_err(|e| DecodeError(format!("bad base64 body: {e}")))?
         }
         Some(other) => return Err(DecodeError(format!("unknown {ENCODING} {other:?}"))),
     };
-    Ok(Decoded {
-        id,
-        body,
-        content_type,
-        metadata,
-    })
+    Ok(Decoded { id, body, content_type, metadata })
 }
 
 /// Go's `url.QueryUnescape`: `+` is a space, `%XX` a byte. A malformed
@@ -153,9 +139,7 @@ pub fn query_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -190,10 +174,7 @@ mod tests {
     fn json_goes_as_a_value_and_bytes_as_base64() {
         let (data, extra) = encode_data(br#"{"b":1,"a":[true]}"#, Some("application/json"));
         assert_eq!(data, serde_json::json!({"a": [true], "b": 1}));
-        assert_eq!(
-            extra,
-            vec![(CONTENT_TYPE.to_string(), "application/json".to_string())]
-        );
+        assert_eq!(extra, vec![(CONTENT_TYPE.to_string(), "application/json".to_string())]);
 
         let bytes = [0u8, 255, 34, 92];
         let (data, extra) = encode_data(&bytes, Some("application/octet-stream"));
@@ -216,10 +197,7 @@ mod tests {
         );
 
         let (data, _) = encode_data(b"not json", Some("application/json"));
-        assert!(
-            data.is_string(),
-            "invalid JSON labelled as JSON still round-trips as bytes"
-        );
+        assert!(data.is_string(), "invalid JSON labelled as JSON still round-trips as bytes");
     }
 
     #[test]
@@ -235,10 +213,7 @@ mod tests {
         assert_eq!(decoded.as_ref().map(|d| d.id.as_str()), Some("x"));
         assert_eq!(
             decoded.map(|d| d.metadata),
-            Some(vec![
-                ("correlationid".into(), "c-1".into()),
-                ("order id".into(), "a/b c".into())
-            ])
+            Some(vec![("correlationid".into(), "c-1".into()), ("order id".into(), "a/b c".into())])
         );
     }
 }

@@ -6,8 +6,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{
-    Depth, Lock, NewMessage, Peeked, PurgeTarget, QueueError, QueueOptions, Received, Settle,
-    Settled, now_ms,
+    Depth, Lock, NewMessage, Peeked, PurgeTarget, QueueError, QueueOptions, Received, Settle, Settled, now_ms,
 };
 
 /// The schema this host writes. Bump it with a migration in [`Database::open`].
@@ -56,11 +55,7 @@ impl Database {
     /// host (committed transactions are in the WAL file); only an OS crash or
     /// power loss may lose the last commits. `full_sync` closes that gap at
     /// some throughput cost.
-    pub fn open(
-        path: &Path,
-        options: QueueOptions,
-        full_sync: bool,
-    ) -> Result<Database, QueueError> {
+    pub fn open(path: &Path, options: QueueOptions, full_sync: bool) -> Result<Database, QueueError> {
         let shown = path.display().to_string();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| QueueError::Open {
@@ -68,15 +63,9 @@ impl Database {
                 detail: format!("creating {}: {e}", parent.display()),
             })?;
         }
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(&shown, e))?;
-        let mut db = Database {
-            conn,
-            path: shown,
-            options,
-        };
+        let mut db = Database { conn, path: shown, options };
         db.init(full_sync)?;
         Ok(db)
     }
@@ -84,33 +73,21 @@ impl Database {
     fn init(&mut self, full_sync: bool) -> Result<(), QueueError> {
         let path = self.path.clone();
         let err = |e| classify(&path, e);
-        self.conn
-            .busy_timeout(Duration::from_secs(5))
-            .map_err(err)?;
-        let mode: String = self
-            .conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(err)?;
+        self.conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        let mode: String = self.conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(err)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(QueueError::Open {
-                path,
-                detail: format!("cannot switch to WAL mode (got {mode})"),
-            });
+            return Err(QueueError::Open { path, detail: format!("cannot switch to WAL mode (got {mode})") });
         }
         let sync = if full_sync { "FULL" } else { "NORMAL" };
-        self.conn
-            .pragma_update(None, "synchronous", sync)
-            .map_err(err)?;
+        self.conn.pragma_update(None, "synchronous", sync).map_err(err)?;
         // Look first, in a read transaction: a database another host is busy
         // writing to can still be opened (WAL readers never wait).
         let (has_meta, has_other, found) = {
             let tx = self.conn.transaction().map_err(err)?;
             let has_meta: bool = tx
-                .query_row(
-                    "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='wasm_pc_meta'",
-                    [],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT count(*) FROM sqlite_master WHERE type='table' AND name='wasm_pc_meta'", [], |r| {
+                    r.get(0)
+                })
                 .map_err(err)?;
             let has_other: bool = tx
                 .query_row(
@@ -120,13 +97,9 @@ impl Database {
                 )
                 .map_err(err)?;
             let found: Option<i64> = if has_meta {
-                tx.query_row(
-                    "SELECT value FROM wasm_pc_meta WHERE key='schema_version'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(err)?
+                tx.query_row("SELECT value FROM wasm_pc_meta WHERE key='schema_version'", [], |r| r.get(0))
+                    .optional()
+                    .map_err(err)?
             } else {
                 None
             };
@@ -140,31 +113,18 @@ impl Database {
         }
         match found {
             Some(v) if v > SCHEMA_VERSION => {
-                return Err(QueueError::NewerSchema {
-                    path,
-                    found: v,
-                    supported: SCHEMA_VERSION,
-                });
+                return Err(QueueError::NewerSchema { path, found: v, supported: SCHEMA_VERSION });
             }
             Some(_) => return Ok(()),
             None if has_meta => {
-                return Err(QueueError::Corrupt {
-                    path,
-                    detail: "no schema version recorded".into(),
-                });
+                return Err(QueueError::Corrupt { path, detail: "no schema version recorded".into() });
             }
             None => {}
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
         tx.execute_batch(SCHEMA).map_err(err)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO wasm_pc_meta (key, value) VALUES ('schema_version', ?1)",
-            [SCHEMA_VERSION],
-        )
-        .map_err(err)?;
+        tx.execute("INSERT OR IGNORE INTO wasm_pc_meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(())
     }
@@ -179,19 +139,13 @@ impl Database {
     }
 
     /// Runs `f` in one write transaction; all of it commits or none.
-    pub fn write<R>(
-        &mut self,
-        f: impl FnOnce(&mut Ops<'_>) -> Result<R, QueueError>,
-    ) -> Result<R, QueueError> {
+    pub fn write<R>(&mut self, f: impl FnOnce(&mut Ops<'_>) -> Result<R, QueueError>) -> Result<R, QueueError> {
         self.transaction(rusqlite::TransactionBehavior::Immediate, f)
     }
 
     /// Runs `f` in a read transaction: a consistent snapshot that never waits
     /// for writers.
-    fn read<R>(
-        &mut self,
-        f: impl FnOnce(&mut Ops<'_>) -> Result<R, QueueError>,
-    ) -> Result<R, QueueError> {
+    fn read<R>(&mut self, f: impl FnOnce(&mut Ops<'_>) -> Result<R, QueueError>) -> Result<R, QueueError> {
         self.transaction(rusqlite::TransactionBehavior::Deferred, f)
     }
 
@@ -201,26 +155,14 @@ impl Database {
         f: impl FnOnce(&mut Ops<'_>) -> Result<R, QueueError>,
     ) -> Result<R, QueueError> {
         let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(behavior)
-            .map_err(|e| classify(&path, e))?;
-        let mut ops = Ops {
-            tx,
-            path: &path,
-            options: self.options,
-            now: now_ms(),
-        };
+        let tx = self.conn.transaction_with_behavior(behavior).map_err(|e| classify(&path, e))?;
+        let mut ops = Ops { tx, path: &path, options: self.options, now: now_ms() };
         let result = f(&mut ops)?;
         ops.tx.commit().map_err(|e| classify(&path, e))?;
         Ok(result)
     }
 
-    pub fn send(
-        &mut self,
-        queue: &str,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<String>, QueueError> {
+    pub fn send(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<String>, QueueError> {
         self.write(|ops| ops.send(queue, messages))
     }
 
@@ -240,20 +182,12 @@ impl Database {
     pub fn queues(&mut self) -> Result<Vec<(String, Depth)>, QueueError> {
         self.read(|ops| {
             let names = ops.queue_names()?;
-            names
-                .into_iter()
-                .map(|q| ops.depth(&q).map(|d| (q, d)))
-                .collect()
+            names.into_iter().map(|q| ops.depth(&q).map(|d| (q, d))).collect()
         })
     }
 
     /// Looks at messages without locking them: live ones, or dead letters.
-    pub fn peek(
-        &mut self,
-        queue: &str,
-        dead: bool,
-        limit: usize,
-    ) -> Result<Vec<Peeked>, QueueError> {
+    pub fn peek(&mut self, queue: &str, dead: bool, limit: usize) -> Result<Vec<Peeked>, QueueError> {
         self.read(|ops| ops.peek(queue, dead, limit))
     }
 
@@ -284,11 +218,7 @@ impl Ops<'_> {
     }
 
     /// Enqueues messages; returns their ids.
-    pub fn send(
-        &mut self,
-        queue: &str,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<String>, QueueError> {
+    pub fn send(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<String>, QueueError> {
         let mut ids = Vec::with_capacity(messages.len());
         let mut insert = self
             .tx
@@ -298,24 +228,13 @@ impl Ops<'_> {
             )
             .map_err(|e| classify(self.path, e))?;
         for m in messages {
-            let id =
-                m.id.filter(|id| !id.is_empty())
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let id = m.id.filter(|id| !id.is_empty()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let metadata = serde_json::to_string(&m.metadata).unwrap_or_else(|_| "[]".into());
             let ttl = m.ttl.or(self.options.default_ttl);
             let expires = ttl.map(|t| self.now.saturating_add(millis(t)));
             let visible = m.scheduled_at_ms.unwrap_or(self.now).max(self.now);
             insert
-                .execute(params![
-                    queue,
-                    id,
-                    m.body,
-                    m.content_type,
-                    metadata,
-                    self.now,
-                    visible,
-                    expires
-                ])
+                .execute(params![queue, id, m.body, m.content_type, metadata, self.now, visible, expires])
                 .map_err(|e| classify(self.path, e))?;
             ids.push(id);
         }
@@ -339,18 +258,10 @@ impl Ops<'_> {
             let mut swept = false;
             for c in candidates {
                 if c.expires_at.is_some_and(|t| t <= self.now) {
-                    self.dead_letter(
-                        c.seq,
-                        TTL_EXPIRED,
-                        "the message's time-to-live expired before it was consumed",
-                    )?;
+                    self.dead_letter(c.seq, TTL_EXPIRED, "the message's time-to-live expired before it was consumed")?;
                     swept = true;
                 } else if c.delivery_count >= i64::from(self.options.max_delivery_count) {
-                    self.dead_letter(
-                        c.seq,
-                        MAX_DELIVERIES,
-                        "the lock expired after the last allowed delivery",
-                    )?;
+                    self.dead_letter(c.seq, MAX_DELIVERIES, "the lock expired after the last allowed delivery")?;
                     swept = true;
                 } else {
                     let token = new_token();
@@ -400,8 +311,7 @@ impl Ops<'_> {
                 })
             })
             .map_err(|e| classify(self.path, e))?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(|e| classify(self.path, e))
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| classify(self.path, e))
     }
 
     /// Settles a message whose lock is still held.
@@ -413,18 +323,13 @@ impl Ops<'_> {
                  WHERE seq = ?1 AND lock_token = ?2 AND visible_at > ?3 AND dead = 0",
             )
             .and_then(|mut s| {
-                s.query_row(params![lock.seq, lock.token, self.now], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()
+                s.query_row(params![lock.seq, lock.token, self.now], |r| Ok((r.get(0)?, r.get(1)?))).optional()
             })
             .map_err(self.err())?;
         let Some((_id, deliveries)) = held else {
             let id = self
                 .tx
-                .query_row("SELECT id FROM messages WHERE seq = ?1", [lock.seq], |r| {
-                    r.get(0)
-                })
+                .query_row("SELECT id FROM messages WHERE seq = ?1", [lock.seq], |r| r.get(0))
                 .optional()
                 .map_err(self.err())?
                 .unwrap_or_else(|| format!("#{}", lock.seq));
@@ -440,24 +345,18 @@ impl Ops<'_> {
             }
             Settle::Abandon { delay, reason } => {
                 if deliveries >= i64::from(self.options.max_delivery_count) {
-                    let why =
-                        format!("abandoned after {deliveries} deliveries; last failure: {reason}");
+                    let why = format!("abandoned after {deliveries} deliveries; last failure: {reason}");
                     self.dead_letter(lock.seq, MAX_DELIVERIES, &why)?;
                     return Ok(Settled::DeadLettered);
                 }
                 let visible = self.now.saturating_add(millis(*delay));
                 self.tx
-                    .prepare_cached(
-                        "UPDATE messages SET lock_token = NULL, visible_at = ?1 WHERE seq = ?2",
-                    )
+                    .prepare_cached("UPDATE messages SET lock_token = NULL, visible_at = ?1 WHERE seq = ?2")
                     .and_then(|mut s| s.execute(params![visible, lock.seq]))
                     .map_err(self.err())?;
                 Ok(Settled::Abandoned)
             }
-            Settle::DeadLetter {
-                reason,
-                description,
-            } => {
+            Settle::DeadLetter { reason, description } => {
                 self.dead_letter(lock.seq, reason, description)?;
                 Ok(Settled::DeadLettered)
             }
@@ -499,24 +398,12 @@ impl Ops<'_> {
     }
 
     fn queue_names(&mut self) -> Result<Vec<String>, QueueError> {
-        let mut stmt = self
-            .tx
-            .prepare("SELECT DISTINCT queue FROM messages ORDER BY queue")
-            .map_err(self.err())?;
-        let names = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(|e| classify(self.path, e))?;
-        names
-            .collect::<Result<Vec<String>, _>>()
-            .map_err(|e| classify(self.path, e))
+        let mut stmt = self.tx.prepare("SELECT DISTINCT queue FROM messages ORDER BY queue").map_err(self.err())?;
+        let names = stmt.query_map([], |r| r.get(0)).map_err(|e| classify(self.path, e))?;
+        names.collect::<Result<Vec<String>, _>>().map_err(|e| classify(self.path, e))
     }
 
-    pub fn peek(
-        &mut self,
-        queue: &str,
-        dead: bool,
-        limit: usize,
-    ) -> Result<Vec<Peeked>, QueueError> {
+    pub fn peek(&mut self, queue: &str, dead: bool, limit: usize) -> Result<Vec<Peeked>, QueueError> {
         let now = self.now;
         let mut stmt = self
             .tx
@@ -552,8 +439,7 @@ impl Ops<'_> {
                 })
             })
             .map_err(|e| classify(self.path, e))?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(|e| classify(self.path, e))
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| classify(self.path, e))
     }
 
     pub fn requeue(&mut self, queue: &str, ids: &[String]) -> Result<usize, QueueError> {
@@ -562,20 +448,12 @@ impl Ops<'_> {
                            WHERE queue = ?1 AND dead = 1";
         let now = self.now;
         if ids.is_empty() {
-            return self
-                .tx
-                .execute(SQL, params![queue, now])
-                .map_err(self.err());
+            return self.tx.execute(SQL, params![queue, now]).map_err(self.err());
         }
-        let mut stmt = self
-            .tx
-            .prepare(&format!("{SQL} AND id = ?3"))
-            .map_err(self.err())?;
+        let mut stmt = self.tx.prepare(&format!("{SQL} AND id = ?3")).map_err(self.err())?;
         let mut moved = 0;
         for id in ids {
-            moved += stmt
-                .execute(params![queue, now, id])
-                .map_err(|e| classify(self.path, e))?;
+            moved += stmt.execute(params![queue, now, id]).map_err(|e| classify(self.path, e))?;
         }
         Ok(moved)
     }
@@ -628,20 +506,14 @@ fn new_token() -> i64 {
 fn classify(path: &str, error: rusqlite::Error) -> QueueError {
     let path = path.to_string();
     match error.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => QueueError::Corrupt {
-            path,
-            detail: error.to_string(),
-        },
-        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
-            QueueError::Busy { path }
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
+            QueueError::Corrupt { path, detail: error.to_string() }
         }
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => QueueError::Busy { path },
         Some(ErrorCode::DiskFull) => QueueError::DiskFull(format!("{path}: {error}")),
-        Some(ErrorCode::CannotOpen)
-        | Some(ErrorCode::PermissionDenied)
-        | Some(ErrorCode::ReadOnly) => QueueError::Open {
-            path,
-            detail: error.to_string(),
-        },
+        Some(ErrorCode::CannotOpen) | Some(ErrorCode::PermissionDenied) | Some(ErrorCode::ReadOnly) => {
+            QueueError::Open { path, detail: error.to_string() }
+        }
         _ => QueueError::Sqlite(format!("{path}: {error}")),
     }
 }

@@ -19,25 +19,10 @@ const MAX_GROUP: usize = 2048;
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
 enum Command {
-    Send {
-        queue: String,
-        messages: Vec<NewMessage>,
-        reply: Reply<Vec<String>>,
-    },
-    Receive {
-        queue: String,
-        max: usize,
-        reply: Reply<Vec<Received>>,
-    },
-    Settle {
-        lock: Lock,
-        how: Settle,
-        reply: Reply<Settled>,
-    },
-    Depth {
-        queue: String,
-        reply: Reply<Depth>,
-    },
+    Send { queue: String, messages: Vec<NewMessage>, reply: Reply<Vec<String>> },
+    Receive { queue: String, max: usize, reply: Reply<Vec<Received>> },
+    Settle { lock: Lock, how: Settle, reply: Reply<Settled> },
+    Depth { queue: String, reply: Reply<Depth> },
 }
 
 /// What a command produced inside the transaction, delivered after commit.
@@ -51,9 +36,7 @@ enum Outcome {
 impl Command {
     fn run(&mut self, ops: &mut Ops<'_>) -> Outcome {
         match self {
-            Command::Send {
-                queue, messages, ..
-            } => Outcome::Sent(ops.send(queue, std::mem::take(messages))),
+            Command::Send { queue, messages, .. } => Outcome::Sent(ops.send(queue, std::mem::take(messages))),
             Command::Receive { queue, max, .. } => Outcome::Received(ops.receive(queue, *max)),
             Command::Settle { lock, how, .. } => Outcome::Settled(ops.settle(*lock, how)),
             Command::Depth { queue, .. } => Outcome::Depth(ops.depth(queue)),
@@ -67,9 +50,7 @@ impl Command {
             (Command::Receive { reply, .. }, Outcome::Received(r)) => drop(reply.send(r)),
             (Command::Settle { reply, .. }, Outcome::Settled(r)) => drop(reply.send(r)),
             (Command::Depth { reply, .. }, Outcome::Depth(r)) => drop(reply.send(r)),
-            (command, _) => command.fail(QueueError::Sqlite(
-                "internal: outcome does not match command".into(),
-            )),
+            (command, _) => command.fail(QueueError::Sqlite("internal: outcome does not match command".into())),
         }
     }
 
@@ -99,70 +80,40 @@ pub struct QueueHandle {
 impl QueueHandle {
     /// Opens the database and starts its thread. The thread ends when the
     /// last handle is dropped.
-    pub fn open(
-        path: &Path,
-        options: QueueOptions,
-        full_sync: bool,
-    ) -> Result<QueueHandle, QueueError> {
+    pub fn open(path: &Path, options: QueueOptions, full_sync: bool) -> Result<QueueHandle, QueueError> {
         let db = Database::open(path, options, full_sync)?;
         let (commands, rx) = mpsc::channel(4096);
         let arrivals = Arc::new(Notify::new());
         let notify = Arc::clone(&arrivals);
-        std::thread::Builder::new()
-            .name("queue-db".into())
-            .spawn(move || run(db, rx, &notify))
-            .map_err(|e| QueueError::Open {
-                path: path.display().to_string(),
-                detail: format!("cannot start thread: {e}"),
-            })?;
+        std::thread::Builder::new().name("queue-db".into()).spawn(move || run(db, rx, &notify)).map_err(|e| {
+            QueueError::Open { path: path.display().to_string(), detail: format!("cannot start thread: {e}") }
+        })?;
         Ok(QueueHandle { commands, arrivals })
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, QueueError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| QueueError::Closed)?;
+        self.commands.send(make(reply)).await.map_err(|_| QueueError::Closed)?;
         answer.await.map_err(|_| QueueError::Closed)?
     }
 
     /// Enqueues messages durably; returns their ids.
-    pub async fn send(
-        &self,
-        queue: &str,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<String>, QueueError> {
-        self.call(|reply| Command::Send {
-            queue: queue.to_string(),
-            messages,
-            reply,
-        })
-        .await
+    pub async fn send(&self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<String>, QueueError> {
+        self.call(|reply| Command::Send { queue: queue.to_string(), messages, reply }).await
     }
 
     /// Locks up to `max` visible messages.
     pub async fn receive(&self, queue: &str, max: usize) -> Result<Vec<Received>, QueueError> {
-        self.call(|reply| Command::Receive {
-            queue: queue.to_string(),
-            max,
-            reply,
-        })
-        .await
+        self.call(|reply| Command::Receive { queue: queue.to_string(), max, reply }).await
     }
 
     /// Settles a locked message.
     pub async fn settle(&self, lock: Lock, how: Settle) -> Result<Settled, QueueError> {
-        self.call(|reply| Command::Settle { lock, how, reply })
-            .await
+        self.call(|reply| Command::Settle { lock, how, reply }).await
     }
 
     pub async fn depth(&self, queue: &str) -> Result<Depth, QueueError> {
-        self.call(|reply| Command::Depth {
-            queue: queue.to_string(),
-            reply,
-        })
-        .await
+        self.call(|reply| Command::Depth { queue: queue.to_string(), reply }).await
     }
 
     /// A future that completes at the next commit that adds messages. Create

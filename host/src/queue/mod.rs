@@ -36,11 +36,7 @@ pub struct QueueOptions {
 
 impl Default for QueueOptions {
     fn default() -> Self {
-        QueueOptions {
-            max_delivery_count: 10,
-            lock_duration: Duration::from_secs(60),
-            default_ttl: None,
-        }
+        QueueOptions { max_delivery_count: 10, lock_duration: Duration::from_secs(60), default_ttl: None }
     }
 }
 
@@ -156,14 +152,8 @@ pub enum QueueError {
     Corrupt { path: String, detail: String },
     #[error("queue database {path} is locked by another process (is another host running on it?)")]
     Busy { path: String },
-    #[error(
-        "queue database {path} has schema version {found}; this host supports up to {supported}: upgrade the host"
-    )]
-    NewerSchema {
-        path: String,
-        found: i64,
-        supported: i64,
-    },
+    #[error("queue database {path} has schema version {found}; this host supports up to {supported}: upgrade the host")]
+    NewerSchema { path: String, found: i64, supported: i64 },
     #[error("the lock on message {id} was lost (expired or already settled)")]
     LockLost { id: String },
     #[error("the disk is full: {0}")]

@@ -49,28 +49,17 @@ impl ArtifactCache {
         }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(ArtifactCache {
-            dir: dir.to_path_buf(),
-            engine_key: format!("{:016x}", hasher.finish()),
-        })
+        Ok(ArtifactCache { dir: dir.to_path_buf(), engine_key: format!("{:016x}", hasher.finish()) })
     }
 
     /// Where the entry for a module with this hash lives.
     pub fn path_for(&self, module_hash: &[u8; 32]) -> PathBuf {
-        self.dir.join(format!(
-            "{}-{}.cwasm",
-            hex::encode(module_hash),
-            self.engine_key
-        ))
+        self.dir.join(format!("{}-{}.cwasm", hex::encode(module_hash), self.engine_key))
     }
 
     /// Loads a valid entry, if any. `Err` carries why an existing entry was
     /// refused (it has been removed).
-    pub fn load(
-        &self,
-        engine: &Engine,
-        module_hash: &[u8; 32],
-    ) -> Result<Option<Component>, String> {
+    pub fn load(&self, engine: &Engine, module_hash: &[u8; 32]) -> Result<Option<Component>, String> {
         let path = self.path_for(module_hash);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -82,8 +71,7 @@ impl ArtifactCache {
             // may write (0700), and its checksum matches, so it is the output of
             // `Component::serialize`; wasmtime checks its own header for engine
             // compatibility and refuses a mismatch with an error.
-            unsafe { Component::deserialize(engine, artifact) }
-                .map_err(|e| format!("refused by wasmtime: {e}"))
+            unsafe { Component::deserialize(engine, artifact) }.map_err(|e| format!("refused by wasmtime: {e}"))
         });
         match result {
             Ok(component) => Ok(Some(component)),
@@ -122,9 +110,6 @@ impl ArtifactCache {
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, fs::File)> {
     let path = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
+    let file = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
     Ok((path, file))
 }

@@ -90,36 +90,20 @@ impl Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.limits.max_memory_bytes {
-            return Err(LimitExceeded {
-                resource: Resource::Memory,
-                desired,
-                limit: self.limits.max_memory_bytes,
-            }
-            .into());
+            return Err(
+                LimitExceeded { resource: Resource::Memory, desired, limit: self.limits.max_memory_bytes }.into()
+            );
         }
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.limits.max_table_elements {
-            return Err(LimitExceeded {
-                resource: Resource::Table,
-                desired,
-                limit: self.limits.max_table_elements,
-            }
-            .into());
+            return Err(
+                LimitExceeded { resource: Resource::Table, desired, limit: self.limits.max_table_elements }.into()
+            );
         }
         Ok(true)
     }

@@ -21,10 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    UpdateDeadline,
-};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 
 pub use bindings::types::{ConsumeError, Message, Request, Response};
 pub use cache::{ArtifactCache, CacheStatus};
@@ -56,11 +53,7 @@ pub struct RuntimeOptions {
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        RuntimeOptions {
-            limits: Limits::default(),
-            cache_dir: None,
-            max_module_bytes: 4 << 20,
-        }
+        RuntimeOptions { limits: Limits::default(), cache_dir: None, max_module_bytes: 4 << 20 }
     }
 }
 
@@ -130,8 +123,7 @@ impl Runtime {
                 .linear_memory_keep_resident(4 << 20)
                 .table_keep_resident(256 << 10);
         } else {
-            pool.linear_memory_keep_resident(64 << 10)
-                .table_keep_resident(64 << 10);
+            pool.linear_memory_keep_resident(64 << 10).table_keep_resident(64 << 10);
         }
 
         let mut config = Config::new();
@@ -144,26 +136,18 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::Consumer::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |s| s,
-        )?;
+        bindings::Consumer::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
 
         let cache = match &options.cache_dir {
-            Some(dir) => Some(ArtifactCache::open(dir, &engine).map_err(|e| {
-                anyhow::anyhow!("cannot use artifact cache directory {}: {e}", dir.display())
-            })?),
+            Some(dir) => Some(
+                ArtifactCache::open(dir, &engine)
+                    .map_err(|e| anyhow::anyhow!("cannot use artifact cache directory {}: {e}", dir.display()))?,
+            ),
             None => None,
         };
 
         spawn_epoch_ticker(&engine);
-        Ok(Runtime {
-            engine,
-            linker,
-            limits,
-            cache,
-            max_module_bytes: options.max_module_bytes,
-        })
+        Ok(Runtime { engine, linker, limits, cache, max_module_bytes: options.max_module_bytes })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -201,21 +185,11 @@ impl Runtime {
     pub fn precompile(&self, spec: ModuleSpec, world: World) -> Result<Vec<u8>, LoadError> {
         let name = spec.name.clone();
         let (_, component) = self.compile(spec, world)?;
-        component.serialize().map_err(|e| LoadError {
-            module: name,
-            kind: LoadErrorKind::Compile(e.to_string()),
-        })
+        component.serialize().map_err(|e| LoadError { module: name, kind: LoadErrorKind::Compile(e.to_string()) })
     }
 
-    fn compile(
-        &self,
-        spec: ModuleSpec,
-        world: World,
-    ) -> Result<(Arc<ModuleInfo>, Component), LoadError> {
-        let fail = |kind| LoadError {
-            module: spec.name.clone(),
-            kind,
-        };
+    fn compile(&self, spec: ModuleSpec, world: World) -> Result<(Arc<ModuleInfo>, Component), LoadError> {
+        let fail = |kind| LoadError { module: spec.name.clone(), kind };
         module::check_header(&spec.bytes, self.max_module_bytes).map_err(fail)?;
         let hash = module::content_hash(&spec.bytes);
         let (component, cache) = self.compile_cached(&spec, &hash).map_err(fail)?;
@@ -224,28 +198,15 @@ impl Runtime {
             label: module::label(&spec.name, spec.version.as_deref(), &hash),
             config: Arc::new(spec.config),
         });
-        let info = ModuleInfo {
-            name: spec.name,
-            world,
-            hash,
-            version: spec.version,
-            size: spec.bytes.len(),
-            cache,
-            guest,
-        };
+        let info =
+            ModuleInfo { name: spec.name, world, hash, version: spec.version, size: spec.bytes.len(), cache, guest };
         tracing::info!(module = %info.label(), %world, bytes = info.size, cache = ?info.cache, "module loaded");
         Ok((Arc::new(info), component))
     }
 
-    fn compile_cached(
-        &self,
-        spec: &ModuleSpec,
-        hash: &[u8; 32],
-    ) -> Result<(Component, CacheStatus), LoadErrorKind> {
-        let compile = || {
-            Component::new(&self.engine, &spec.bytes)
-                .map_err(|e| LoadErrorKind::Compile(format!("{e:#}")))
-        };
+    fn compile_cached(&self, spec: &ModuleSpec, hash: &[u8; 32]) -> Result<(Component, CacheStatus), LoadErrorKind> {
+        let compile =
+            || Component::new(&self.engine, &spec.bytes).map_err(|e| LoadErrorKind::Compile(format!("{e:#}")));
         let Some(cache) = &self.cache else {
             return Ok((compile()?, CacheStatus::Miss));
         };
@@ -270,27 +231,18 @@ impl Runtime {
         component: &Component,
         wrap: impl FnOnce(wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<P>,
     ) -> Result<P, LoadError> {
-        let fail = |e: wasmtime::Error| LoadError {
-            module: name.to_string(),
-            kind: LoadErrorKind::Link(format!("{e:#}")),
-        };
+        let fail =
+            |e: wasmtime::Error| LoadError { module: name.to_string(), kind: LoadErrorKind::Link(format!("{e:#}")) };
         let pre = self.linker.instantiate_pre(component).map_err(fail)?;
         wrap(pre).map_err(fail)
     }
 
     fn new_store(&self, info: &ModuleInfo, outbound: Arc<dyn Outbound>) -> Store<HostState> {
-        let mut store = Store::new(
-            &self.engine,
-            HostState::new(Arc::clone(&info.guest), outbound, self.limits),
-        );
+        let mut store = Store::new(&self.engine, HostState::new(Arc::clone(&info.guest), outbound, self.limits));
         store.limiter(|s| &mut s.limiter);
         let deadline = Instant::now() + self.limits.timeout;
         store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
         store.set_epoch_deadline(1);
         store
@@ -306,16 +258,8 @@ impl Runtime {
     ) -> Result<Result<(), ConsumeError>, InvokeError> {
         let mut store = self.new_store(&module.info, outbound);
         let call = async {
-            let instance = module
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(Phase::Instantiate)?;
-            instance
-                .wasm_pc_app_consume()
-                .call_handle(&mut store, message)
-                .await
-                .map_err(Phase::Call)
+            let instance = module.pre.instantiate_async(&mut store).await.map_err(Phase::Instantiate)?;
+            instance.wasm_pc_app_consume().call_handle(&mut store, message).await.map_err(Phase::Call)
         };
         let result = tokio::time::timeout(self.limits.timeout + TIMER_SLACK, call).await;
         store.data().flush_output();
@@ -331,16 +275,8 @@ impl Runtime {
     ) -> Result<Response, InvokeError> {
         let mut store = self.new_store(&module.info, outbound);
         let call = async {
-            let instance = module
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(Phase::Instantiate)?;
-            instance
-                .wasm_pc_app_produce()
-                .call_handle(&mut store, request)
-                .await
-                .map_err(Phase::Call)
+            let instance = module.pre.instantiate_async(&mut store).await.map_err(Phase::Instantiate)?;
+            instance.wasm_pc_app_produce().call_handle(&mut store, request).await.map_err(Phase::Call)
         };
         let result = tokio::time::timeout(self.limits.timeout + TIMER_SLACK, call).await;
         store.data().flush_output();
@@ -358,11 +294,7 @@ impl Runtime {
             Err(_) => FailureKind::Timeout(self.limits.timeout),
             Ok(Err(phase)) => classify(phase, self.limits.timeout),
         };
-        let error = InvokeError {
-            module: info.label().to_string(),
-            function,
-            kind,
-        };
+        let error = InvokeError { module: info.label().to_string(), function, kind };
         tracing::warn!(%error, "invocation failed");
         Err(error)
     }
@@ -380,40 +312,25 @@ fn classify(phase: Phase, timeout: Duration) -> FailureKind {
         Phase::Call(e) => (e, false),
     };
     if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
-        return FailureKind::ResourceLimit {
-            resource: limit.resource,
-            detail: limit.to_string(),
-        };
+        return FailureKind::ResourceLimit { resource: limit.resource, detail: limit.to_string() };
     }
     if let Some(pool) = error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
-        return FailureKind::ResourceLimit {
-            resource: Resource::Pool,
-            detail: pool.to_string(),
-        };
+        return FailureKind::ResourceLimit { resource: Resource::Pool, detail: pool.to_string() };
     }
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return FailureKind::Timeout(timeout),
         Some(Trap::StackOverflow) => {
-            return FailureKind::ResourceLimit {
-                resource: Resource::Stack,
-                detail: "call stack exhausted".into(),
-            };
+            return FailureKind::ResourceLimit { resource: Resource::Stack, detail: "call stack exhausted".into() };
         }
         _ => {}
     }
-    if instantiating {
-        FailureKind::Instantiate(format!("{error:#}"))
-    } else {
-        FailureKind::Trap(trap_message(&error))
-    }
+    if instantiating { FailureKind::Instantiate(format!("{error:#}")) } else { FailureKind::Trap(trap_message(&error)) }
 }
 
 /// The trap's cause plus the innermost guest frame, without the full backtrace.
 fn trap_message(error: &wasmtime::Error) -> String {
     let cause = error.root_cause().to_string();
-    let frame = error
-        .downcast_ref::<wasmtime::WasmBacktrace>()
-        .and_then(|bt| bt.frames().first());
+    let frame = error.downcast_ref::<wasmtime::WasmBacktrace>().and_then(|bt| bt.frames().first());
     match frame.and_then(|f| f.func_name()) {
         Some(func) => format!("{cause} (in {func})"),
         None => cause,
@@ -450,17 +367,15 @@ pub enum FailureKind {
 
 fn spawn_epoch_ticker(engine: &Engine) {
     let weak = engine.weak();
-    let spawned = std::thread::Builder::new()
-        .name("wasm-epoch".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(EPOCH_TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
-                }
+    let spawned = std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+        loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => break,
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the epoch ticker; guest time limits will not be enforced");
     }

@@ -51,9 +51,7 @@ impl std::str::FromStr for World {
         match s {
             "consumer" => Ok(World::Consumer),
             "producer" => Ok(World::Producer),
-            other => Err(format!(
-                "unknown world {other:?}: expected consumer or producer"
-            )),
+            other => Err(format!("unknown world {other:?}: expected consumer or producer")),
         }
     }
 }
@@ -73,21 +71,12 @@ pub struct ModuleSpec {
 impl ModuleSpec {
     /// A spec with no version and no config.
     pub fn new(name: impl Into<String>, bytes: Vec<u8>) -> Self {
-        ModuleSpec {
-            name: name.into(),
-            bytes,
-            version: None,
-            config: BTreeMap::new(),
-        }
+        ModuleSpec { name: name.into(), bytes, version: None, config: BTreeMap::new() }
     }
 
     /// Adds config values.
-    pub fn with_config<K: Into<String>, V: Into<String>>(
-        mut self,
-        values: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        self.config
-            .extend(values.into_iter().map(|(k, v)| (k.into(), v.into())));
+    pub fn with_config<K: Into<String>, V: Into<String>>(mut self, values: impl IntoIterator<Item = (K, V)>) -> Self {
+        self.config.extend(values.into_iter().map(|(k, v)| (k.into(), v.into())));
         self
     }
 }
@@ -154,17 +143,9 @@ pub enum LoadErrorKind {
     #[error("does not compile: {0}")]
     Compile(String),
     #[error("targets the {found} world (exports {export}), but a {expected} is needed here")]
-    WrongWorld {
-        expected: World,
-        found: World,
-        export: &'static str,
-    },
+    WrongWorld { expected: World, found: World, export: &'static str },
     #[error("does not export {missing}, which the {world} world requires (its exports: {exports})")]
-    MissingExport {
-        world: World,
-        missing: &'static str,
-        exports: String,
-    },
+    MissingExport { world: World, missing: &'static str, exports: String },
     #[error("cannot be linked: {0}")]
     Link(String),
 }
@@ -175,10 +156,7 @@ pub(super) fn check_header(bytes: &[u8], max_size: usize) -> Result<(), LoadErro
         return Err(LoadErrorKind::Empty);
     }
     if bytes.len() > max_size {
-        return Err(LoadErrorKind::TooLarge {
-            size: bytes.len(),
-            limit: max_size,
-        });
+        return Err(LoadErrorKind::TooLarge { size: bytes.len(), limit: max_size });
     }
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(LoadErrorKind::NotWasm);
@@ -204,22 +182,10 @@ pub(super) fn check_exports(
     }
     let other = world.other();
     if exports.contains(&other.export()) {
-        return Err(LoadErrorKind::WrongWorld {
-            expected: world,
-            found: other,
-            export: other.export(),
-        });
+        return Err(LoadErrorKind::WrongWorld { expected: world, found: other, export: other.export() });
     }
-    let exports = if exports.is_empty() {
-        "none".to_string()
-    } else {
-        exports.join(", ")
-    };
-    Err(LoadErrorKind::MissingExport {
-        world,
-        missing: world.export(),
-        exports,
-    })
+    let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
+    Err(LoadErrorKind::MissingExport { world, missing: world.export(), exports })
 }
 
 #[cfg(test)]
@@ -229,36 +195,18 @@ mod tests {
     #[test]
     fn headers_are_told_apart() {
         let limit = 1 << 20;
-        assert!(matches!(
-            check_header(b"", limit),
-            Err(LoadErrorKind::Empty)
-        ));
-        assert!(matches!(
-            check_header(b"hello world", limit),
-            Err(LoadErrorKind::NotWasm)
-        ));
-        assert!(matches!(
-            check_header(b"\0asm\x01\0\0\0", limit),
-            Err(LoadErrorKind::CoreModule)
-        ));
+        assert!(matches!(check_header(b"", limit), Err(LoadErrorKind::Empty)));
+        assert!(matches!(check_header(b"hello world", limit), Err(LoadErrorKind::NotWasm)));
+        assert!(matches!(check_header(b"\0asm\x01\0\0\0", limit), Err(LoadErrorKind::CoreModule)));
         assert!(check_header(b"\0asm\x0d\0\x01\0", limit).is_ok());
-        assert!(matches!(
-            check_header(&[0u8; 64], 32),
-            Err(LoadErrorKind::TooLarge {
-                size: 64,
-                limit: 32
-            })
-        ));
+        assert!(matches!(check_header(&[0u8; 64], 32), Err(LoadErrorKind::TooLarge { size: 64, limit: 32 })));
     }
 
     #[test]
     fn labels_carry_version_and_hash() {
         let hash = content_hash(b"x");
         let short = hex::encode(&hash[..6]);
-        assert_eq!(
-            label("consumer", Some("1.2"), &hash),
-            format!("consumer@1.2+{short}")
-        );
+        assert_eq!(label("consumer", Some("1.2"), &hash), format!("consumer@1.2+{short}"));
         assert_eq!(label("consumer", None, &hash), format!("consumer@{short}"));
     }
 }

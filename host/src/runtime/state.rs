@@ -72,21 +72,14 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
 impl types::Host for HostState {}
 
 impl outbound::Host for HostState {
-    async fn send(
-        &mut self,
-        binding: String,
-        mut message: types::OutboundMessage,
-    ) -> Result<String, types::SendError> {
+    async fn send(&mut self, binding: String, mut message: types::OutboundMessage) -> Result<String, types::SendError> {
         if message.id.as_deref().is_none_or(str::is_empty) {
             message.id = Some(uuid::Uuid::new_v4().to_string());
         }
@@ -100,12 +93,7 @@ impl outbound::Host for HostState {
 }
 
 impl log::Host for HostState {
-    fn log(
-        &mut self,
-        level: log::Level,
-        message: String,
-        fields: Vec<(String, String)>,
-    ) -> wasmtime::Result<()> {
+    fn log(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) -> wasmtime::Result<()> {
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_LINES {
             if self.log_lines == MAX_LOG_LINES + 1 {
@@ -133,12 +121,7 @@ impl config::Host for HostState {
     }
 
     fn get_all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
-        Ok(self
-            .guest
-            .config
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(self.guest.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 }
 

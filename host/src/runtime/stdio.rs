@@ -61,11 +61,7 @@ impl StdoutStream for Captured {
 }
 
 impl AsyncWrite for Captured {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if let Ok(mut buffer) = self.buffer.lock() {
             let room = CAPACITY.saturating_sub(buffer.bytes.len());
             let kept = buf.len().min(room);

@@ -31,16 +31,9 @@ fn demo_of_10000_orders_settles_every_one_exactly() {
     .output()
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let figure = |label: &str| -> u64 {
-        let line = stdout
-            .lines()
-            .find(|l| l.contains(label))
-            .unwrap_or_else(|| panic!("no {label:?} in {stdout}"));
+        let line = stdout.lines().find(|l| l.contains(label)).unwrap_or_else(|| panic!("no {label:?} in {stdout}"));
         line.split_whitespace().last().unwrap().parse().unwrap()
     };
     // The sample data: every 40th order is over the credit limit, every 25th
@@ -52,28 +45,17 @@ fn demo_of_10000_orders_settles_every_one_exactly() {
 
     let orders = depth(&db, "orders");
     assert_eq!(
-        (
-            orders["active"].as_u64(),
-            orders["locked"].as_u64(),
-            orders["dead_lettered"].as_u64()
-        ),
+        (orders["active"].as_u64(), orders["locked"].as_u64(), orders["dead_lettered"].as_u64()),
         (Some(0), Some(0), Some(250))
     );
-    assert_eq!(
-        depth(&db, "done")["active"],
-        9_750,
-        "each completed order was forwarded exactly once"
-    );
+    assert_eq!(depth(&db, "done")["active"], 9_750, "each completed order was forwarded exactly once");
 
     let dead = queue_json(&db, &["dead-letters", "orders", "--limit", "1000"]);
     let dead = dead.as_array().unwrap();
     assert_eq!(dead.len(), 250);
     assert!(dead.iter().all(|d| {
         d["dead_letter_reason"] == "RejectedByConsumer"
-            && d["dead_letter_description"]
-                .as_str()
-                .unwrap()
-                .contains("credit limit")
+            && d["dead_letter_description"].as_str().unwrap().contains("credit limit")
     }));
 }
 
@@ -87,17 +69,8 @@ fn failing_guests_are_retried_then_dead_lettered_with_the_reason() {
         body: body.as_bytes().to_vec(),
         ..NewMessage::default()
     };
-    db.send(
-        "orders",
-        vec![
-            cmd("t", "trap"),
-            cmd("l", "loop"),
-            cmd("m", "alloc"),
-            cmd("r", "reject"),
-            cmd("ok", "ok"),
-        ],
-    )
-    .unwrap();
+    db.send("orders", vec![cmd("t", "trap"), cmd("l", "loop"), cmd("m", "alloc"), cmd("r", "reject"), cmd("ok", "ok")])
+        .unwrap();
     drop(db);
 
     let host = Running::start(
@@ -122,11 +95,7 @@ fn failing_guests_are_retried_then_dead_lettered_with_the_reason() {
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     while depth(&db_path, "orders")["dead_lettered"] != 4 {
-        assert!(
-            Instant::now() < deadline,
-            "not all dead-lettered: {}",
-            depth(&db_path, "orders")
-        );
+        assert!(Instant::now() < deadline, "not all dead-lettered: {}", depth(&db_path, "orders"));
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(host.terminate().code(), Some(0));
@@ -138,14 +107,7 @@ fn failing_guests_are_retried_then_dead_lettered_with_the_reason() {
         .iter()
         .map(|d| {
             let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
-            (
-                s("id"),
-                (
-                    s("dead_letter_reason"),
-                    s("dead_letter_description"),
-                    d["delivery_count"].as_u64().unwrap(),
-                ),
-            )
+            (s("id"), (s("dead_letter_reason"), s("dead_letter_description"), d["delivery_count"].as_u64().unwrap()))
         })
         .collect();
     let expect = |id: &str, reason: &str, needle: &str, deliveries: u64| {
@@ -157,11 +119,7 @@ fn failing_guests_are_retried_then_dead_lettered_with_the_reason() {
     expect("l", "MaxDeliveryCountExceeded", "time limit", 3);
     expect("m", "MaxDeliveryCountExceeded", "linear memory limit", 3);
     expect("r", "RejectedByConsumer", "asked to reject", 1);
-    assert_eq!(
-        depth(&db_path, "orders")["active"],
-        0,
-        "the good message was completed"
-    );
+    assert_eq!(depth(&db_path, "orders")["active"], 0, "the good message was completed");
 }
 
 #[test]
@@ -201,13 +159,7 @@ fn sigkill_at_any_moment_loses_no_message() {
                 .iter()
                 .map(|id| serde_json::json!({"id": id, "customer": "c", "items": [{"sku": "s", "qty": 1, "price_cents": 1}]}))
                 .collect();
-            match http(
-                address,
-                "POST",
-                "/produce",
-                "application/json",
-                &serde_json::to_vec(&orders).unwrap(),
-            ) {
+            match http(address, "POST", "/produce", "application/json", &serde_json::to_vec(&orders).unwrap()) {
                 Ok((202, _)) => accepted.extend(ids),
                 Ok((status, body)) => {
                     panic!("unexpected {status}: {}", String::from_utf8_lossy(&body))
@@ -217,11 +169,7 @@ fn sigkill_at_any_moment_loses_no_message() {
         }
         killer.join().unwrap();
     }
-    assert!(
-        accepted.len() >= 100,
-        "the test produced too little to mean anything: {}",
-        accepted.len()
-    );
+    assert!(accepted.len() >= 100, "the test produced too little to mean anything: {}", accepted.len());
 
     // A last run drains everything, including messages whose locks the kills left behind.
     let host = start();
@@ -241,14 +189,9 @@ fn sigkill_at_any_moment_loses_no_message() {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for m in &done {
         let summary: serde_json::Value = serde_json::from_str(&m.body_preview).unwrap();
-        *seen
-            .entry(summary["order"].as_str().unwrap().to_string())
-            .or_default() += 1;
+        *seen.entry(summary["order"].as_str().unwrap().to_string()).or_default() += 1;
     }
-    let missing: Vec<_> = accepted
-        .iter()
-        .filter(|id| !seen.contains_key(*id))
-        .collect();
+    let missing: Vec<_> = accepted.iter().filter(|id| !seen.contains_key(*id)).collect();
     assert!(
         missing.is_empty(),
         "{} of {} accepted orders were lost: {:?}",

@@ -7,10 +7,7 @@ use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// Where `cargo xtask guests` and these tests put the components.
@@ -18,38 +15,31 @@ pub fn guest_dir() -> PathBuf {
     workspace().join("target/guests/wasm32-wasip2/guest")
 }
 
-fn build() -> Result<PathBuf, String> {
+fn cargo_build(target_dir: &str, extra: &[&str]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace())
-        .args([
-            "build",
-            "--quiet",
-            "--profile",
-            "guest",
-            "--target",
-            "wasm32-wasip2",
-        ])
-        .args([
-            "-p",
-            "guest-consumer",
-            "-p",
-            "guest-producer",
-            "-p",
-            "test-guests",
-        ])
-        .env("CARGO_TARGET_DIR", workspace().join("target/guests"))
+        .args(["build", "--quiet", "--profile", "guest", "--target", "wasm32-wasip2"])
+        .args(extra)
+        .env("CARGO_TARGET_DIR", workspace().join(target_dir))
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
-        return Err(format!(
-            "building the guests failed ({status}); is the wasm32-wasip2 target installed?"
-        ));
+        return Err(format!("building the guests failed ({status}); is the wasm32-wasip2 target installed?"));
     }
+    Ok(())
+}
+
+fn build() -> Result<PathBuf, String> {
+    cargo_build("target/guests", &["-p", "guest-consumer", "-p", "guest-producer", "-p", "test-guests"])?;
+    // The second flavor builds into its own target dir, so neither build
+    // undoes the other.
+    cargo_build("target/guests-b", &["-p", "test-guests", "--features", "flavor-b"])?;
     Ok(guest_dir())
 }
 
-/// The bytes of a guest component: `consumer`, `producer` or `faulty`.
+/// The bytes of a guest component: `consumer`, `producer`, `faulty` or
+/// `faulty-b` (the same test guest built with the `flavor-b` feature).
 pub fn bytes(which: &str) -> Vec<u8> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = match BUILT.get_or_init(build) {
@@ -57,10 +47,11 @@ pub fn bytes(which: &str) -> Vec<u8> {
         Err(e) => panic!("{e}"),
     };
     let file = match which {
-        "consumer" => "guest_consumer.wasm",
-        "producer" => "guest_producer.wasm",
-        "faulty" => "test_guests.wasm",
+        "consumer" => dir.join("guest_consumer.wasm"),
+        "producer" => dir.join("guest_producer.wasm"),
+        "faulty" => dir.join("test_guests.wasm"),
+        "faulty-b" => workspace().join("target/guests-b/wasm32-wasip2/guest/test_guests.wasm"),
         other => panic!("no guest named {other}"),
     };
-    std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"))
+    std::fs::read(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
 }

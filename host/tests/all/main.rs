@@ -6,5 +6,6 @@ mod dev;
 mod guests;
 mod process;
 mod queue;
+mod reload;
 mod runtime;
 mod sidecar;

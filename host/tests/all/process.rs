@@ -13,10 +13,7 @@ use crate::guests;
 pub fn command(args: &[&str]) -> Command {
     modules_dir();
     let mut command = Command::new(env!("CARGO_BIN_EXE_wasm-pc"));
-    command
-        .args(args)
-        .env("WASM_PC_MODULES_DIR", modules_dir())
-        .env("WASM_PC_LOG", "info");
+    command.args(args).env("WASM_PC_MODULES_DIR", modules_dir()).env("WASM_PC_LOG", "info");
     command
 }
 
@@ -27,11 +24,7 @@ pub fn modules_dir() -> std::path::PathBuf {
     DIR.get_or_init(|| {
         let dir = guests::workspace().join(format!("target/test-modules/{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (which, file) in [
-            ("producer", "producer.wasm"),
-            ("consumer", "consumer.wasm"),
-            ("faulty", "faulty.wasm"),
-        ] {
+        for (which, file) in [("producer", "producer.wasm"), ("consumer", "consumer.wasm"), ("faulty", "faulty.wasm")] {
             std::fs::write(dir.join(file), guests::bytes(which)).unwrap();
         }
         dir
@@ -50,21 +43,11 @@ pub struct Running {
 impl Running {
     /// Starts the host and waits until it says where it listens.
     pub fn start(command: &mut Command, listen_marker: &str) -> Running {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let (tx, lines) = mpsc::channel();
         for stream in [
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -78,26 +61,15 @@ impl Running {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("the host did not print {listen_marker:?} in time")
-                });
+            let line = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the host did not print {listen_marker:?} in time")
+            });
             if let Some(rest) = line.split(listen_marker).nth(1) {
-                let addr: String = rest
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '/')
-                    .collect();
-                let address = addr
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
-                return Running {
-                    child,
-                    address,
-                    _lines: lines,
-                };
+                let addr: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '/').collect();
+                let address = addr.parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
+                return Running { child, address, _lines: lines };
             }
         }
     }
@@ -111,10 +83,7 @@ impl Running {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the host did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "the host did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -152,10 +121,8 @@ pub fn http(
     stream.write_all(body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no header end"))?;
+    let split =
+        response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
     let head = String::from_utf8_lossy(&response[..split]);
     let status = head
         .split_whitespace()
@@ -163,10 +130,7 @@ pub fn http(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other("no status"))?;
     let mut body = response[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         body = dechunk(&body);
     }
     Ok((status, body))
@@ -175,8 +139,7 @@ pub fn http(
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -188,16 +151,7 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 
 /// Runs `wasm-pc queue ... --json` on a database and parses the output.
 pub fn queue_json(db: &Path, args: &[&str]) -> serde_json::Value {
-    let out = command(&["queue"])
-        .args(args)
-        .args(["--json", "--db"])
-        .arg(db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "queue {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = command(&["queue"]).args(args).args(["--json", "--db"]).arg(db).output().unwrap();
+    assert!(out.status.success(), "queue {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }

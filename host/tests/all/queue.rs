@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use wasm_pc::queue::{
-    Database, Depth, NewMessage, PurgeTarget, QueueError, QueueHandle, QueueOptions, Settle,
-    Settled, now_ms,
+    Database, Depth, NewMessage, PurgeTarget, QueueError, QueueHandle, QueueOptions, Settle, Settled, now_ms,
 };
 
 fn options(lock_ms: u64, max_deliveries: u32) -> QueueOptions {
@@ -16,11 +15,7 @@ fn options(lock_ms: u64, max_deliveries: u32) -> QueueOptions {
 }
 
 fn msg(id: &str) -> NewMessage {
-    NewMessage {
-        id: Some(id.into()),
-        body: id.as_bytes().to_vec(),
-        ..NewMessage::default()
-    }
+    NewMessage { id: Some(id.into()), body: id.as_bytes().to_vec(), ..NewMessage::default() }
 }
 
 fn open(dir: &tempfile::TempDir, opts: QueueOptions) -> Database {
@@ -28,10 +23,7 @@ fn open(dir: &tempfile::TempDir, opts: QueueOptions) -> Database {
 }
 
 fn abandon() -> Settle {
-    Settle::Abandon {
-        delay: Duration::ZERO,
-        reason: "test".into(),
-    }
+    Settle::Abandon { delay: Duration::ZERO, reason: "test".into() }
 }
 
 #[test]
@@ -53,42 +45,19 @@ fn peek_lock_complete_and_fields_round_trip() {
     let got = db.receive("orders", 10).unwrap();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].body, vec![0, 159, 146, 150]);
-    assert_eq!(
-        got[0].content_type.as_deref(),
-        Some("application/octet-stream")
-    );
+    assert_eq!(got[0].content_type.as_deref(), Some("application/octet-stream"));
     assert_eq!(got[0].metadata, vec![("k".to_string(), "v w".to_string())]);
     assert_eq!(got[0].delivery_count, 1);
-    assert!(
-        db.receive("orders", 10).unwrap().is_empty(),
-        "locked messages are not received twice"
-    );
-    assert_eq!(
-        db.depth("orders").unwrap(),
-        Depth {
-            active: 0,
-            locked: 2,
-            scheduled: 0,
-            dead_lettered: 0
-        }
-    );
+    assert!(db.receive("orders", 10).unwrap().is_empty(), "locked messages are not received twice");
+    assert_eq!(db.depth("orders").unwrap(), Depth { active: 0, locked: 2, scheduled: 0, dead_lettered: 0 });
 
-    assert_eq!(
-        db.settle(got[0].lock, Settle::Complete).unwrap(),
-        Settled::Completed
-    );
+    assert_eq!(db.settle(got[0].lock, Settle::Complete).unwrap(), Settled::Completed);
     assert!(
-        matches!(
-            db.settle(got[0].lock, Settle::Complete),
-            Err(QueueError::LockLost { .. })
-        ),
+        matches!(db.settle(got[0].lock, Settle::Complete), Err(QueueError::LockLost { .. })),
         "settling twice fails"
     );
     assert_eq!(db.depth("orders").unwrap().locked, 1);
-    assert!(
-        db.depth("other").unwrap() == Depth::default(),
-        "queues are separate"
-    );
+    assert!(db.depth("other").unwrap() == Depth::default(), "queues are separate");
 }
 
 #[test]
@@ -102,13 +71,8 @@ fn an_expired_lock_makes_the_message_visible_again() {
     let second = db.receive("q", 1).unwrap().remove(0);
     assert_eq!(second.id, "a");
     assert_eq!(second.delivery_count, 2);
-    assert!(
-        matches!(db.settle(first.lock, Settle::Complete), Err(QueueError::LockLost { ref id }) if id == "a")
-    );
-    assert_eq!(
-        db.settle(second.lock, Settle::Complete).unwrap(),
-        Settled::Completed
-    );
+    assert!(matches!(db.settle(first.lock, Settle::Complete), Err(QueueError::LockLost { ref id }) if id == "a"));
+    assert_eq!(db.settle(second.lock, Settle::Complete).unwrap(), Settled::Completed);
 }
 
 #[test]
@@ -123,23 +87,11 @@ fn abandon_counts_deliveries_and_dead_letters_at_the_max() {
     }
     let last = db.receive("q", 1).unwrap().remove(0);
     assert_eq!(last.delivery_count, 3);
-    assert_eq!(
-        db.settle(last.lock, abandon()).unwrap(),
-        Settled::DeadLettered
-    );
+    assert_eq!(db.settle(last.lock, abandon()).unwrap(), Settled::DeadLettered);
     let dead = db.peek("q", true, 10).unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(
-        dead[0].dead_letter_reason.as_deref(),
-        Some("MaxDeliveryCountExceeded")
-    );
-    assert!(
-        dead[0]
-            .dead_letter_description
-            .as_deref()
-            .unwrap_or("")
-            .contains("last failure: test")
-    );
+    assert_eq!(dead[0].dead_letter_reason.as_deref(), Some("MaxDeliveryCountExceeded"));
+    assert!(dead[0].dead_letter_description.as_deref().unwrap_or("").contains("last failure: test"));
     assert!(db.receive("q", 1).unwrap().is_empty());
 }
 
@@ -158,37 +110,18 @@ fn a_lock_that_expires_on_the_last_delivery_dead_letters() {
 fn ttl_expiry_dead_letters_and_schedules_delay_visibility() {
     let dir = tempfile::tempdir().unwrap();
     let mut db = open(&dir, options(60_000, 10));
-    let short = NewMessage {
-        ttl: Some(Duration::from_millis(1)),
-        ..msg("short")
-    };
-    let later = NewMessage {
-        scheduled_at_ms: Some(now_ms() + 150),
-        ..msg("later")
-    };
+    let short = NewMessage { ttl: Some(Duration::from_millis(1)), ..msg("short") };
+    let later = NewMessage { scheduled_at_ms: Some(now_ms() + 150), ..msg("later") };
     db.send("q", vec![short, later, msg("now")]).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(db.depth("q").unwrap().scheduled, 1);
-    let got: Vec<String> = db
-        .receive("q", 10)
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
+    let got: Vec<String> = db.receive("q", 10).unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(got, vec!["now"]);
     let dead = db.peek("q", true, 10).unwrap();
     assert_eq!(dead[0].id, "short");
-    assert_eq!(
-        dead[0].dead_letter_reason.as_deref(),
-        Some("TTLExpiredException")
-    );
+    assert_eq!(dead[0].dead_letter_reason.as_deref(), Some("TTLExpiredException"));
     std::thread::sleep(Duration::from_millis(150));
-    let got: Vec<String> = db
-        .receive("q", 10)
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
+    let got: Vec<String> = db.receive("q", 10).unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(got, vec!["later"]);
 }
 
@@ -198,17 +131,12 @@ fn dead_letter_requeue_and_purge() {
     let mut db = open(&dir, options(60_000, 10));
     db.send("q", vec![msg("a"), msg("b"), msg("c")]).unwrap();
     for m in db.receive("q", 3).unwrap() {
-        let how = Settle::DeadLetter {
-            reason: "Poison".into(),
-            description: format!("{} is bad", m.id),
-        };
+        let how = Settle::DeadLetter { reason: "Poison".into(), description: format!("{} is bad", m.id) };
         assert_eq!(db.settle(m.lock, how).unwrap(), Settled::DeadLettered);
     }
     let dead = db.peek("q", true, 10).unwrap();
     assert_eq!(
-        dead.iter()
-            .map(|d| d.dead_letter_description.clone().unwrap_or_default())
-            .collect::<Vec<_>>(),
+        dead.iter().map(|d| d.dead_letter_description.clone().unwrap_or_default()).collect::<Vec<_>>(),
         ["a is bad", "b is bad", "c is bad"]
     );
     assert_eq!(db.requeue("q", &["b".to_string()]).unwrap(), 1);
@@ -225,8 +153,7 @@ fn messages_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut db = open(&dir, options(60_000, 10));
-        db.send("q", (0..100).map(|i| msg(&format!("m{i}"))).collect())
-            .unwrap();
+        db.send("q", (0..100).map(|i| msg(&format!("m{i}"))).collect()).unwrap();
     }
     let mut db = open(&dir, options(60_000, 10));
     assert_eq!(db.depth("q").unwrap().active, 100);
@@ -237,50 +164,25 @@ fn bad_database_files_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.db");
     std::fs::write(&junk, vec![b'x'; 8192]).unwrap();
-    let err = Database::open(&junk, QueueOptions::default(), false)
-        .err()
-        .unwrap();
+    let err = Database::open(&junk, QueueOptions::default(), false).err().unwrap();
     assert!(matches!(err, QueueError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("junk.db"));
 
     let newer = dir.path().join("newer.db");
     drop(Database::open(&newer, QueueOptions::default(), false).unwrap());
     let conn = rusqlite::Connection::open(&newer).unwrap();
-    conn.execute(
-        "UPDATE wasm_pc_meta SET value = 99 WHERE key = 'schema_version'",
-        [],
-    )
-    .unwrap();
+    conn.execute("UPDATE wasm_pc_meta SET value = 99 WHERE key = 'schema_version'", []).unwrap();
     drop(conn);
-    let err = Database::open(&newer, QueueOptions::default(), false)
-        .err()
-        .unwrap();
-    assert!(
-        matches!(
-            err,
-            QueueError::NewerSchema {
-                found: 99,
-                supported: 1,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let err = Database::open(&newer, QueueOptions::default(), false).err().unwrap();
+    assert!(matches!(err, QueueError::NewerSchema { found: 99, supported: 1, .. }), "{err}");
 
     let foreign = dir.path().join("foreign.db");
-    rusqlite::Connection::open(&foreign)
-        .unwrap()
-        .execute("CREATE TABLE customers (id INTEGER)", [])
-        .unwrap();
-    let err = Database::open(&foreign, QueueOptions::default(), false)
-        .err()
-        .unwrap();
+    rusqlite::Connection::open(&foreign).unwrap().execute("CREATE TABLE customers (id INTEGER)", []).unwrap();
+    let err = Database::open(&foreign, QueueOptions::default(), false).err().unwrap();
     assert!(matches!(err, QueueError::Corrupt { .. }), "{err}");
 
     let under_a_file = junk.join("q.db");
-    let err = Database::open(&under_a_file, QueueOptions::default(), false)
-        .err()
-        .unwrap();
+    let err = Database::open(&under_a_file, QueueOptions::default(), false).err().unwrap();
     assert!(matches!(err, QueueError::Open { .. }), "{err}");
 }
 
@@ -290,13 +192,9 @@ fn a_database_locked_by_another_process_is_reported_as_busy() {
     let path = dir.path().join("q.db");
     drop(Database::open(&path, QueueOptions::default(), false).unwrap());
     let holder = rusqlite::Connection::open(&path).unwrap();
-    holder
-        .execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;")
-        .unwrap();
+    holder.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;").unwrap();
     let started = std::time::Instant::now();
-    let err = Database::open(&path, QueueOptions::default(), false)
-        .err()
-        .unwrap();
+    let err = Database::open(&path, QueueOptions::default(), false).err().unwrap();
     assert!(matches!(err, QueueError::Busy { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
@@ -304,17 +202,13 @@ fn a_database_locked_by_another_process_is_reported_as_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_are_group_committed_and_all_land() {
     let dir = tempfile::tempdir().unwrap();
-    let queue =
-        QueueHandle::open(&dir.path().join("q.db"), QueueOptions::default(), false).unwrap();
+    let queue = QueueHandle::open(&dir.path().join("q.db"), QueueOptions::default(), false).unwrap();
     let mut tasks = Vec::new();
     for t in 0..20 {
         let queue = queue.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..100 {
-                queue
-                    .send("q", vec![msg(&format!("t{t}-{i}"))])
-                    .await
-                    .unwrap();
+                queue.send("q", vec![msg(&format!("t{t}-{i}"))]).await.unwrap();
             }
         }));
     }

@@ -5,27 +5,18 @@ use std::time::{Duration, Instant};
 
 use wasm_pc::outbound::{NoOutbound, Outbound, Recorder};
 use wasm_pc::runtime::{
-    CacheStatus, ConsumeError, ConsumerModule, FailureKind, Limits, LoadErrorKind, Message,
-    ModuleSpec, Request, Resource, Runtime, RuntimeOptions, World,
+    CacheStatus, ConsumeError, ConsumerModule, FailureKind, Limits, LoadErrorKind, Message, ModuleSpec, Request,
+    Resource, Runtime, RuntimeOptions, World,
 };
 
 use crate::guests;
 
 fn runtime_with(limits: Limits) -> Runtime {
-    Runtime::new(RuntimeOptions {
-        limits,
-        ..RuntimeOptions::default()
-    })
-    .unwrap()
+    Runtime::new(RuntimeOptions { limits, ..RuntimeOptions::default() }).unwrap()
 }
 
 fn small_limits() -> Limits {
-    Limits {
-        timeout: Duration::from_millis(300),
-        max_memory_bytes: 16 << 20,
-        max_concurrent: 8,
-        ..Limits::default()
-    }
+    Limits { timeout: Duration::from_millis(300), max_memory_bytes: 16 << 20, max_concurrent: 8, ..Limits::default() }
 }
 
 fn message(id: &str, body: &[u8]) -> Message {
@@ -39,14 +30,11 @@ fn message(id: &str, body: &[u8]) -> Message {
 }
 
 fn order(id: &str, sku: &str) -> String {
-    format!(
-        r#"{{"id":"{id}","customer":"acme","items":[{{"sku":"{sku}","qty":3,"price_cents":250}}]}}"#
-    )
+    format!(r#"{{"id":"{id}","customer":"acme","items":[{{"sku":"{sku}","qty":3,"price_cents":250}}]}}"#)
 }
 
 fn consumer(rt: &Runtime, config: &[(&str, &str)]) -> ConsumerModule {
-    let spec =
-        ModuleSpec::new("consumer", guests::bytes("consumer")).with_config(config.iter().copied());
+    let spec = ModuleSpec::new("consumer", guests::bytes("consumer")).with_config(config.iter().copied());
     rt.load_consumer(spec).unwrap()
 }
 
@@ -54,54 +42,25 @@ fn consumer(rt: &Runtime, config: &[(&str, &str)]) -> ConsumerModule {
 async fn consumer_accepts_rejects_and_retries() {
     let rt = runtime_with(small_limits());
     let recorder = Recorder::default();
-    let module = consumer(
-        &rt,
-        &[
-            ("transient-sku", "FLAKY"),
-            ("forward-binding", "done"),
-            ("version", "v7"),
-        ],
-    );
+    let module = consumer(&rt, &[("transient-sku", "FLAKY"), ("forward-binding", "done"), ("version", "v7")]);
     let out: Arc<dyn Outbound> = Arc::new(recorder.clone());
 
-    let ok = rt
-        .consume(
-            &module,
-            &message("m1", order("o1", "A").as_bytes()),
-            out.clone(),
-        )
-        .await
-        .unwrap();
+    let ok = rt.consume(&module, &message("m1", order("o1", "A").as_bytes()), out.clone()).await.unwrap();
     assert_eq!(ok, Ok(()));
     let sent = recorder.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].0, "done");
     let summary: serde_json::Value = serde_json::from_slice(&sent[0].1.body).unwrap();
-    assert_eq!(
-        summary,
-        serde_json::json!({"order": "o1", "customer": "acme", "total_cents": 750, "version": "v7"})
-    );
+    assert_eq!(summary, serde_json::json!({"order": "o1", "customer": "acme", "total_cents": 750, "version": "v7"}));
 
-    let bad = rt
-        .consume(&module, &message("m2", b"{not json"), out.clone())
-        .await
-        .unwrap();
-    assert!(
-        matches!(bad, Err(ConsumeError::Reject(ref r)) if r.contains("not a valid order")),
-        "{bad:?}"
-    );
+    let bad = rt.consume(&module, &message("m2", b"{not json"), out.clone()).await.unwrap();
+    assert!(matches!(bad, Err(ConsumeError::Reject(ref r)) if r.contains("not a valid order")), "{bad:?}");
 
     let mut flaky = message("m3", order("o3", "FLAKY").as_bytes());
     let first = rt.consume(&module, &flaky, out.clone()).await.unwrap();
-    assert!(
-        matches!(first, Err(ConsumeError::Retry(ref r)) if r.contains("FLAKY")),
-        "{first:?}"
-    );
+    assert!(matches!(first, Err(ConsumeError::Retry(ref r)) if r.contains("FLAKY")), "{first:?}");
     flaky.delivery_count = Some(3);
-    assert_eq!(
-        rt.consume(&module, &flaky, out.clone()).await.unwrap(),
-        Ok(())
-    );
+    assert_eq!(rt.consume(&module, &flaky, out.clone()).await.unwrap(), Ok(()));
     assert_eq!(recorder.sent().len(), 2, "only the successes forward");
 }
 
@@ -109,19 +68,11 @@ async fn consumer_accepts_rejects_and_retries() {
 async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
     let rt = runtime_with(small_limits());
     let module = rt
-        .load_producer(
-            ModuleSpec::new("producer", guests::bytes("producer"))
-                .with_config([("binding", "orders")]),
-        )
+        .load_producer(ModuleSpec::new("producer", guests::bytes("producer")).with_config([("binding", "orders")]))
         .unwrap();
     let recorder = Recorder::default();
     let out: Arc<dyn Outbound> = Arc::new(recorder.clone());
-    let batch = format!(
-        "[{},{},{}]",
-        order("a", "X"),
-        order("b", "Y"),
-        order("c", "Z")
-    );
+    let batch = format!("[{},{},{}]", order("a", "X"), order("b", "Y"), order("c", "Z"));
     let request = |body: &str| Request {
         method: "POST".into(),
         path: "/produce".into(),
@@ -129,10 +80,7 @@ async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
         body: body.as_bytes().to_vec(),
     };
 
-    let response = rt
-        .produce(&module, &request(&batch), out.clone())
-        .await
-        .unwrap();
+    let response = rt.produce(&module, &request(&batch), out.clone()).await.unwrap();
     assert_eq!(response.status, 202);
     let sent = recorder.sent();
     assert_eq!(sent.len(), 3);
@@ -142,24 +90,12 @@ async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
         let body: serde_json::Value = serde_json::from_slice(&msg.body).unwrap();
         assert_eq!(body["id"], id);
         assert_eq!(body["items"][0]["qty"], 3);
-        assert!(
-            msg.metadata
-                .contains(&("order-id".to_string(), id.to_string()))
-        );
-        assert!(
-            msg.metadata
-                .contains(&("customer".to_string(), "acme".to_string()))
-        );
+        assert!(msg.metadata.contains(&("order-id".to_string(), id.to_string())));
+        assert!(msg.metadata.contains(&("customer".to_string(), "acme".to_string())));
     }
 
-    let bad = format!(
-        "[{},{{\"id\":\"\",\"customer\":\"x\",\"items\":[]}}]",
-        order("d", "X")
-    );
-    let response = rt
-        .produce(&module, &request(&bad), out.clone())
-        .await
-        .unwrap();
+    let bad = format!("[{},{{\"id\":\"\",\"customer\":\"x\",\"items\":[]}}]", order("d", "X"));
+    let response = rt.produce(&module, &request(&bad), out.clone()).await.unwrap();
     assert_eq!(response.status, 400);
     let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
     assert_eq!(body["index"], 1);
@@ -173,9 +109,7 @@ async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
 async fn misbehaving_guests_are_stopped_and_classified() {
     let limits = small_limits();
     let rt = runtime_with(limits);
-    let module = rt
-        .load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty")))
-        .unwrap();
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
     let run = |cmd: &'static str| {
         let (rt, module, out) = (&rt, &module, out.clone());
@@ -184,198 +118,88 @@ async fn misbehaving_guests_are_stopped_and_classified() {
 
     let trap = run("trap").await.unwrap_err();
     assert!(matches!(trap.kind, FailureKind::Trap(_)), "{trap}");
-    assert!(
-        trap.to_string().contains("faulty@") && trap.to_string().contains("`handle`"),
-        "{trap}"
-    );
+    assert!(trap.to_string().contains("faulty@") && trap.to_string().contains("`handle`"), "{trap}");
 
     let started = Instant::now();
     let spin = run("loop").await.unwrap_err();
-    assert!(
-        matches!(spin.kind, FailureKind::Timeout(t) if t == limits.timeout),
-        "{spin}"
-    );
-    assert!(
-        started.elapsed() < limits.timeout * 5,
-        "stopped late: {:?}",
-        started.elapsed()
-    );
+    assert!(matches!(spin.kind, FailureKind::Timeout(t) if t == limits.timeout), "{spin}");
+    assert!(started.elapsed() < limits.timeout * 5, "stopped late: {:?}", started.elapsed());
 
     let hoard = run("alloc").await.unwrap_err();
-    assert!(
-        matches!(
-            hoard.kind,
-            FailureKind::ResourceLimit {
-                resource: Resource::Memory,
-                ..
-            }
-        ),
-        "{hoard}"
-    );
+    assert!(matches!(hoard.kind, FailureKind::ResourceLimit { resource: Resource::Memory, .. }), "{hoard}");
 
     let deep = run("recurse").await.unwrap_err();
-    assert!(
-        matches!(
-            deep.kind,
-            FailureKind::ResourceLimit {
-                resource: Resource::Stack,
-                ..
-            }
-        ),
-        "{deep}"
-    );
+    assert!(matches!(deep.kind, FailureKind::ResourceLimit { resource: Resource::Stack, .. }), "{deep}");
 
     // After all that, the same runtime and module still serve.
     assert_eq!(run("ok").await.unwrap(), Ok(()));
-    assert!(matches!(
-        run("reject").await.unwrap(),
-        Err(ConsumeError::Reject(_))
-    ));
-    assert!(matches!(
-        run("retry").await.unwrap(),
-        Err(ConsumeError::Retry(_))
-    ));
+    assert!(matches!(run("reject").await.unwrap(), Err(ConsumeError::Reject(_))));
+    assert!(matches!(run("retry").await.unwrap(), Err(ConsumeError::Retry(_))));
 }
 
 #[tokio::test]
 async fn guests_have_no_ambient_authority_and_their_output_is_captured() {
     let rt = runtime_with(small_limits());
     let module = rt
-        .load_consumer(
-            ModuleSpec::new("faulty", guests::bytes("faulty")).with_config([("colour", "green")]),
-        )
+        .load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty")).with_config([("colour", "green")]))
         .unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
     // Config is what the deployment gave, nothing else.
-    let got = rt
-        .consume(&module, &message("c", b"config:colour"), out.clone())
-        .await
-        .unwrap();
+    let got = rt.consume(&module, &message("c", b"config:colour"), out.clone()).await.unwrap();
     assert_eq!(got, Err(ConsumeError::Retry("green".into())));
-    let got = rt
-        .consume(&module, &message("c", b"config:PATH"), out.clone())
-        .await
-        .unwrap();
+    let got = rt.consume(&module, &message("c", b"config:PATH"), out.clone()).await.unwrap();
     assert_eq!(got, Err(ConsumeError::Retry(String::new())));
     // Sends to an unconfigured binding come back as a typed error.
-    let got = rt
-        .consume(&module, &message("s", b"send:nowhere"), out.clone())
-        .await
-        .unwrap();
-    assert!(
-        matches!(got, Err(ConsumeError::Retry(ref r)) if r.contains("UnknownBinding")),
-        "{got:?}"
-    );
+    let got = rt.consume(&module, &message("s", b"send:nowhere"), out.clone()).await.unwrap();
+    assert!(matches!(got, Err(ConsumeError::Retry(ref r)) if r.contains("UnknownBinding")), "{got:?}");
     // Printing does not fail the guest.
-    assert_eq!(
-        rt.consume(&module, &message("l", b"log"), out)
-            .await
-            .unwrap(),
-        Ok(())
-    );
+    assert_eq!(rt.consume(&module, &message("l", b"log"), out).await.unwrap(), Ok(()));
 }
 
 #[tokio::test]
 async fn concurrent_invocations_beyond_the_pool_are_refused_not_queued_forever() {
-    let limits = Limits {
-        max_concurrent: 2,
-        timeout: Duration::from_millis(400),
-        ..small_limits()
-    };
+    let limits = Limits { max_concurrent: 2, timeout: Duration::from_millis(400), ..small_limits() };
     let rt = Arc::new(runtime_with(limits));
-    let module = rt
-        .load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty")))
-        .unwrap();
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     let mut tasks = Vec::new();
     for _ in 0..3 {
         let (rt, module) = (rt.clone(), module.clone());
-        tasks.push(tokio::spawn(async move {
-            rt.consume(&module, &message("l", b"loop"), Arc::new(NoOutbound))
-                .await
-        }));
+        tasks
+            .push(tokio::spawn(async move { rt.consume(&module, &message("l", b"loop"), Arc::new(NoOutbound)).await }));
     }
     let mut kinds = Vec::new();
     for task in tasks {
         kinds.push(task.await.unwrap().unwrap_err().kind);
     }
-    let pool = kinds
-        .iter()
-        .filter(|k| {
-            matches!(
-                k,
-                FailureKind::ResourceLimit {
-                    resource: Resource::Pool,
-                    ..
-                }
-            )
-        })
-        .count();
-    let timeouts = kinds
-        .iter()
-        .filter(|k| matches!(k, FailureKind::Timeout(_)))
-        .count();
+    let pool =
+        kinds.iter().filter(|k| matches!(k, FailureKind::ResourceLimit { resource: Resource::Pool, .. })).count();
+    let timeouts = kinds.iter().filter(|k| matches!(k, FailureKind::Timeout(_))).count();
     assert_eq!((pool, timeouts), (1, 2), "{kinds:?}");
 }
 
 #[test]
 fn wrong_world_core_modules_and_junk_are_refused_with_the_reason() {
     let rt = runtime_with(small_limits());
-    let kind = |r: Result<wasm_pc::runtime::AnyModule, wasm_pc::runtime::LoadError>| {
-        r.err().map(|e| e.kind)
-    };
+    let kind = |r: Result<wasm_pc::runtime::AnyModule, wasm_pc::runtime::LoadError>| r.err().map(|e| e.kind);
 
-    let producer_as_consumer = kind(rt.load(
-        ModuleSpec::new("p", guests::bytes("producer")),
-        World::Consumer,
-    ));
+    let producer_as_consumer = kind(rt.load(ModuleSpec::new("p", guests::bytes("producer")), World::Consumer));
     assert!(
         matches!(
             producer_as_consumer,
-            Some(LoadErrorKind::WrongWorld {
-                expected: World::Consumer,
-                found: World::Producer,
-                ..
-            })
+            Some(LoadErrorKind::WrongWorld { expected: World::Consumer, found: World::Producer, .. })
         ),
         "{producer_as_consumer:?}"
     );
-    let consumer_as_producer = kind(rt.load(
-        ModuleSpec::new("c", guests::bytes("consumer")),
-        World::Producer,
-    ));
-    assert!(matches!(
-        consumer_as_producer,
-        Some(LoadErrorKind::WrongWorld {
-            expected: World::Producer,
-            ..
-        })
-    ));
+    let consumer_as_producer = kind(rt.load(ModuleSpec::new("c", guests::bytes("consumer")), World::Producer));
+    assert!(matches!(consumer_as_producer, Some(LoadErrorKind::WrongWorld { expected: World::Producer, .. })));
 
     let core = wat::parse_str("(module (func (export \"handle\")))").unwrap();
-    assert!(matches!(
-        kind(rt.load(ModuleSpec::new("core", core), World::Consumer)),
-        Some(LoadErrorKind::CoreModule)
-    ));
+    assert!(matches!(kind(rt.load(ModuleSpec::new("core", core), World::Consumer)), Some(LoadErrorKind::CoreModule)));
 
     let empty_component = wat::parse_str("(component)").unwrap();
-    let missing = rt
-        .load(ModuleSpec::new("empty", empty_component), World::Consumer)
-        .err()
-        .unwrap();
-    assert!(
-        matches!(
-            missing.kind,
-            LoadErrorKind::MissingExport {
-                world: World::Consumer,
-                ..
-            }
-        ),
-        "{missing}"
-    );
-    assert!(
-        missing.to_string().contains("module empty")
-            && missing.to_string().contains("wasm-pc:app/consume")
-    );
+    let missing = rt.load(ModuleSpec::new("empty", empty_component), World::Consumer).err().unwrap();
+    assert!(matches!(missing.kind, LoadErrorKind::MissingExport { world: World::Consumer, .. }), "{missing}");
+    assert!(missing.to_string().contains("module empty") && missing.to_string().contains("wasm-pc:app/consume"));
 
     let mut truncated = guests::bytes("consumer");
     truncated.truncate(truncated.len() / 2);
@@ -388,22 +212,11 @@ fn wrong_world_core_modules_and_junk_are_refused_with_the_reason() {
         kind(rt.load(ModuleSpec::new("txt", b"hello".to_vec()), World::Consumer)),
         Some(LoadErrorKind::NotWasm)
     ));
-    assert!(matches!(
-        kind(rt.load(ModuleSpec::new("none", vec![]), World::Consumer)),
-        Some(LoadErrorKind::Empty)
-    ));
+    assert!(matches!(kind(rt.load(ModuleSpec::new("none", vec![]), World::Consumer)), Some(LoadErrorKind::Empty)));
 
-    let wants_http =
-        wat::parse_str(r#"(component (import "wasi:http/outgoing-handler@0.2.0" (instance)))"#)
-            .unwrap();
+    let wants_http = wat::parse_str(r#"(component (import "wasi:http/outgoing-handler@0.2.0" (instance)))"#).unwrap();
     let link = kind(rt.load(ModuleSpec::new("http", wants_http), World::Consumer));
-    assert!(
-        matches!(
-            link,
-            Some(LoadErrorKind::MissingExport { .. }) | Some(LoadErrorKind::Link(_))
-        ),
-        "{link:?}"
-    );
+    assert!(matches!(link, Some(LoadErrorKind::MissingExport { .. }) | Some(LoadErrorKind::Link(_))), "{link:?}");
 }
 
 #[test]
@@ -415,12 +228,7 @@ fn the_artifact_cache_is_hit_and_a_damaged_entry_is_rebuilt() {
         ..RuntimeOptions::default()
     };
     let bytes = guests::bytes("consumer");
-    let load = |rt: &Runtime| {
-        rt.load_consumer(ModuleSpec::new("consumer", bytes.clone()))
-            .unwrap()
-            .info
-            .cache
-    };
+    let load = |rt: &Runtime| rt.load_consumer(ModuleSpec::new("consumer", bytes.clone())).unwrap().info.cache;
 
     let rt = Runtime::new(options.clone()).unwrap();
     assert_eq!(load(&rt), CacheStatus::Miss);
@@ -435,12 +243,7 @@ fn the_artifact_cache_is_hit_and_a_damaged_entry_is_rebuilt() {
         .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
         .unwrap();
     let len = std::fs::metadata(&entry).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&entry)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&entry).unwrap().set_len(len / 2).unwrap();
     assert_eq!(load(&rt), CacheStatus::Rebuilt);
     assert_eq!(load(&rt), CacheStatus::Hit);
 
@@ -457,9 +260,6 @@ fn the_artifact_cache_is_hit_and_a_damaged_entry_is_rebuilt() {
 fn release_guests_fit_in_a_configmap() {
     for which in ["consumer", "producer"] {
         let size = guests::bytes(which).len();
-        assert!(
-            size < 1 << 20,
-            "{which} is {size} bytes; a ConfigMap holds at most 1 MiB"
-        );
+        assert!(size < 1 << 20, "{which} is {size} bytes; a ConfigMap holds at most 1 MiB");
     }
 }

@@ -58,58 +58,29 @@ pub struct Broker {
 
 impl Broker {
     pub fn push(&self, queue: &str, message: SbMessage) {
-        self.queues
-            .lock()
-            .unwrap()
-            .entry(queue.into())
-            .or_default()
-            .push_back(message);
+        self.queues.lock().unwrap().entry(queue.into()).or_default().push_back(message);
         self.arrived.notify_waiters();
     }
 
     fn pop(&self, queue: &str) -> Option<SbMessage> {
-        self.queues
-            .lock()
-            .unwrap()
-            .get_mut(queue)
-            .and_then(VecDeque::pop_front)
+        self.queues.lock().unwrap().get_mut(queue).and_then(VecDeque::pop_front)
     }
 
     pub fn messages(&self, queue: &str) -> Vec<SbMessage> {
-        self.queues
-            .lock()
-            .unwrap()
-            .get(queue)
-            .map(|q| q.iter().cloned().collect())
-            .unwrap_or_default()
+        self.queues.lock().unwrap().get(queue).map(|q| q.iter().cloned().collect()).unwrap_or_default()
     }
 
     pub fn dead_letters(&self, queue: &str) -> Vec<SbMessage> {
-        self.dead
-            .lock()
-            .unwrap()
-            .get(queue)
-            .cloned()
-            .unwrap_or_default()
+        self.dead.lock().unwrap().get(queue).cloned().unwrap_or_default()
     }
 }
 
 /// What the double saw, for assertions.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Probe {
-        status: Option<u16>,
-    },
-    Delivery {
-        id: String,
-        attempt: u32,
-        status: Option<u16>,
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-    },
-    Output {
-        status: u16,
-    },
+    Probe { status: Option<u16> },
+    Delivery { id: String, attempt: u32, status: Option<u16>, headers: Vec<(String, String)>, body: Vec<u8> },
+    Output { status: u16 },
 }
 
 #[derive(Clone)]
@@ -177,21 +148,9 @@ impl Sidecar {
         tasks.push(tokio::spawn(serve_api(listener, Arc::new(api))));
         if let Some(input) = config.input.clone() {
             let (broker, events, stop) = (broker.clone(), events.clone(), stop_deliveries.clone());
-            tasks.push(tokio::spawn(run_input(
-                input,
-                config.app_token.clone(),
-                broker,
-                events,
-                subscribed,
-                stop,
-            )));
+            tasks.push(tokio::spawn(run_input(input, config.app_token.clone(), broker, events, subscribed, stop)));
         }
-        Sidecar {
-            address,
-            events,
-            stop_deliveries,
-            tasks,
-        }
+        Sidecar { address, events, stop_deliveries, tasks }
     }
 
     pub fn port(&self) -> u16 {
@@ -207,12 +166,7 @@ impl Sidecar {
         self.events()
             .into_iter()
             .filter_map(|e| match e {
-                Event::Delivery {
-                    id,
-                    attempt,
-                    status,
-                    ..
-                } => Some((id, attempt, status)),
+                Event::Delivery { id, attempt, status, .. } => Some((id, attempt, status)),
                 _ => None,
             })
             .collect()
@@ -221,13 +175,7 @@ impl Sidecar {
     pub fn probes(&self) -> Vec<Option<u16>> {
         self.events()
             .into_iter()
-            .filter_map(|e| {
-                if let Event::Probe { status } = e {
-                    Some(status)
-                } else {
-                    None
-                }
-            })
+            .filter_map(|e| if let Event::Probe { status } = e { Some(status) } else { None })
             .collect()
     }
 
@@ -266,9 +214,7 @@ async fn serve_api(listener: TcpListener, api: Arc<Api>) {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -277,18 +223,13 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     if status != StatusCode::NO_CONTENT {
-        r.headers_mut()
-            .insert("content-type", content_type.parse().unwrap());
+        r.headers_mut().insert("content-type", content_type.parse().unwrap());
     }
     r
 }
 
 fn dapr_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    reply(
-        status,
-        "application/json",
-        serde_json::json!({"errorCode": code, "message": message}).to_string(),
-    )
+    reply(status, "application/json", serde_json::json!({"errorCode": code, "message": message}).to_string())
 }
 
 impl Api {
@@ -300,20 +241,14 @@ impl Api {
                 if self.subscribed.load(Ordering::SeqCst) {
                     reply(StatusCode::NO_CONTENT, "", "")
                 } else {
-                    dapr_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "ERR_HEALTH_NOT_READY",
-                        "dapr is not ready: [app]",
-                    )
+                    dapr_error(StatusCode::INTERNAL_SERVER_ERROR, "ERR_HEALTH_NOT_READY", "dapr is not ready: [app]")
                 }
             }
             (Method::POST | Method::PUT, p) if p.starts_with("/v1.0/bindings/") => {
                 let name = p.trim_start_matches("/v1.0/bindings/").to_string();
                 let status_of = |r: &Response<Full<Bytes>>| r.status().as_u16();
                 let response = self.output(&name, req).await;
-                self.events.lock().unwrap().push(Event::Output {
-                    status: status_of(&response),
-                });
+                self.events.lock().unwrap().push(Event::Output { status: status_of(&response) });
                 response
             }
             _ => dapr_error(StatusCode::NOT_FOUND, "ERR_DIRECT_INVOKE", "no such route"),
@@ -324,18 +259,9 @@ impl Api {
         if let Some(token) = &self.config.api_token
             && req.headers().get("dapr-api-token").map(|v| v.as_bytes()) != Some(token.as_bytes())
         {
-            return reply(
-                StatusCode::UNAUTHORIZED,
-                "text/plain",
-                "invalid api token\n",
-            );
+            return reply(StatusCode::UNAUTHORIZED, "text/plain", "invalid api token\n");
         }
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let malformed = |detail: &str| {
             dapr_error(
                 StatusCode::BAD_REQUEST,
@@ -346,9 +272,7 @@ impl Api {
         if body.len() > 4 << 20 {
             return malformed("body too large");
         }
-        let Ok(serde_json::Value::Object(request)) =
-            serde_json::from_slice::<serde_json::Value>(&body)
-        else {
+        let Ok(serde_json::Value::Object(request)) = serde_json::from_slice::<serde_json::Value>(&body) else {
             return malformed("invalid JSON");
         };
         let mut metadata = BTreeMap::new();
@@ -368,9 +292,7 @@ impl Api {
             return dapr_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "ERR_INVOKE_OUTPUT_BINDING",
-                &format!(
-                    "error invoking output binding {name}: couldn't find output binding {name}"
-                ),
+                &format!("error invoking output binding {name}: couldn't find output binding {name}"),
             );
         }
         if request.get("operation").and_then(|o| o.as_str()) != Some("create") {
@@ -415,13 +337,9 @@ pub fn go_json(value: &serde_json::Value) -> String {
             let s = format!("{f:e}");
             let (mantissa, exp) = s.split_once('e').unwrap();
             let exp: i32 = exp.parse().unwrap();
-            format!(
-                "{mantissa}e{}{:02}",
-                if exp < 0 { '-' } else { '+' },
-                exp.abs()
-            )
-            .replace("e-0", "e-")
-            .replace("e+0", "e+")
+            format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+                .replace("e-0", "e-")
+                .replace("e+0", "e+")
         } else {
             format!("{f}")
         }
@@ -457,17 +375,13 @@ pub fn go_json(value: &serde_json::Value) -> String {
     }
     let mut out = String::new();
     write(value, &mut out);
-    out.replace('<', "\\u003c")
-        .replace('>', "\\u003e")
-        .replace('&', "\\u0026")
+    out.replace('<', "\\u003c").replace('>', "\\u003e").replace('&', "\\u0026")
 }
 
 fn query_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             b' ' => "+".to_string(),
             _ => format!("%{b:02X}"),
         })
@@ -483,27 +397,19 @@ async fn run_input(
     stop: Arc<AtomicBool>,
 ) {
     // 1. Wait for the app port, every 100 ms.
-    while tokio::net::TcpStream::connect(("127.0.0.1", input.app_port))
-        .await
-        .is_err()
-    {
+    while tokio::net::TcpStream::connect(("127.0.0.1", input.app_port)).await.is_err() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let url = format!("http://127.0.0.1:{}{}", input.app_port, input.route);
     // 2. The subscription probe, 3 s timeout; 2xx or 405 subscribes.
     if !input.skip_probe {
-        let mut probe = Request::builder()
-            .method(Method::OPTIONS)
-            .uri(&url)
-            .header("content-type", "application/json");
+        let mut probe = Request::builder().method(Method::OPTIONS).uri(&url).header("content-type", "application/json");
         if let Some(t) = &app_token {
             probe = probe.header("dapr-api-token", t);
         }
         let probe = probe.body(Full::new(Bytes::new())).unwrap();
-        let status = match tokio::time::timeout(Duration::from_secs(3), client.request(probe)).await
-        {
+        let status = match tokio::time::timeout(Duration::from_secs(3), client.request(probe)).await {
             Ok(Ok(r)) => Some(r.status().as_u16()),
             _ => None,
         };
@@ -537,9 +443,8 @@ async fn run_input(
                     continue;
                 };
                 message.delivery_count += 1;
-                let mut request = Request::post(&url)
-                    .header("content-type", "application/json")
-                    .header("id", &message.id);
+                let mut request =
+                    Request::post(&url).header("content-type", "application/json").header("id", &message.id);
                 if let Some(c) = &message.correlation_id {
                     request = request.header("correlationid", c);
                 }
@@ -552,20 +457,14 @@ async fn run_input(
                 if let Some(t) = &token {
                     request = request.header("dapr-api-token", t);
                 }
-                let request = request
-                    .body(Full::new(Bytes::from(message.body.clone())))
-                    .unwrap();
+                let request = request.body(Full::new(Bytes::from(message.body.clone()))).unwrap();
                 let headers: Vec<(String, String)> = request
                     .headers()
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
                     .collect();
                 // No timeout: daprd waits for the app forever.
-                let status = client
-                    .request(request)
-                    .await
-                    .ok()
-                    .map(|r| r.status().as_u16());
+                let status = client.request(request).await.ok().map(|r| r.status().as_u16());
                 events.lock().unwrap().push(Event::Delivery {
                     id: message.id.clone(),
                     attempt: message.delivery_count,
@@ -577,23 +476,11 @@ async fn run_input(
                     continue;
                 }
                 if message.delivery_count >= input.max_delivery_count {
-                    broker
-                        .dead
-                        .lock()
-                        .unwrap()
-                        .entry(input.queue.clone())
-                        .or_default()
-                        .push(message);
+                    broker.dead.lock().unwrap().entry(input.queue.clone()).or_default().push(message);
                 } else {
                     // Abandon: back at once, after the ~100 ms error pacing.
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    broker
-                        .queues
-                        .lock()
-                        .unwrap()
-                        .entry(input.queue.clone())
-                        .or_default()
-                        .push_front(message);
+                    broker.queues.lock().unwrap().entry(input.queue.clone()).or_default().push_front(message);
                 }
             }
         }));
@@ -614,12 +501,7 @@ pub async fn eventually(within: Duration, what: &str, mut check: impl FnMut() ->
 
 #[test]
 fn go_json_matches_go() {
-    let v: serde_json::Value = serde_json::from_str(
-        r#"{"b":1,"a":"<x&y>","c":[1.5,1e21,0.0000001,12345678901234567890]}"#,
-    )
-    .unwrap();
-    assert_eq!(
-        go_json(&v),
-        r#"{"a":"\u003cx\u0026y\u003e","b":1,"c":[1.5,1e+21,1e-7,12345678901234567000]}"#
-    );
+    let v: serde_json::Value =
+        serde_json::from_str(r#"{"b":1,"a":"<x&y>","c":[1.5,1e21,0.0000001,12345678901234567890]}"#).unwrap();
+    assert_eq!(go_json(&v), r#"{"a":"\u003cx\u0026y\u003e","b":1,"c":[1.5,1e+21,1e-7,12345678901234567000]}"#);
 }

@@ -1,0 +1,163 @@
+//! The Dapr input route under load, against the same consumer logic compiled
+//! natively into a plain hyper handler, in one run.
+//!
+//! 1 KiB JSON orders, loopback, keep-alive, 32 connections, each sending its
+//! share one after another (as daprd does per handler slot).
+//!
+//! `cargo bench -p wasm-pc --bench dapr_input [-- REQUESTS]`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use wasm_pc::dapr::{App, AppOptions, DaprClient, DaprOutbound, RetryPolicy};
+use wasm_pc::dispatch::{Dispatcher, Slot};
+use wasm_pc::metrics::Metrics;
+use wasm_pc::runtime::{ModuleSpec, Runtime, RuntimeOptions};
+
+const CONNECTIONS: usize = 32;
+
+fn main() {
+    let requests: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(40_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let body = Bytes::from(order_of_about_1k());
+        let wasm = start_wasm_host().await;
+        let native = start_native().await;
+        // Warm both, then measure each twice, interleaved, and keep the better run.
+        load(wasm, &body, 4_000).await;
+        load(native, &body, 4_000).await;
+        let mut best = [None, None];
+        for _ in 0..2 {
+            for (i, port) in [native, wasm].into_iter().enumerate() {
+                let r = load(port, &body, requests).await;
+                if best[i].as_ref().is_none_or(|b: &Run| r.rps > b.rps) {
+                    best[i] = Some(r);
+                }
+            }
+        }
+        let (native, wasm) = (best[0].take().unwrap(), best[1].take().unwrap());
+        println!("body {} bytes, {requests} requests, {CONNECTIONS} connections", body.len());
+        for (name, r) in [("native hyper handler", &native), ("wasm-pc input route", &wasm)] {
+            println!(
+                "{name:<22} {:>8.0} req/s  p50 {:>6.0}us  p99 {:>6.0}us",
+                r.rps,
+                r.p50.as_secs_f64() * 1e6,
+                r.p99.as_secs_f64() * 1e6
+            );
+        }
+        println!("ratio wasm/native: {:.0}%", 100.0 * wasm.rps / native.rps);
+    });
+}
+
+fn order_of_about_1k() -> Vec<u8> {
+    let items: Vec<_> = (0..14)
+        .map(|i| serde_json::json!({"sku": format!("SKU-{i:04}-XYZ"), "qty": 1 + i % 3, "price_cents": 1999 + i}))
+        .collect();
+    let mut order = serde_json::json!({"id": "o-1", "customer": "", "items": items});
+    let len = serde_json::to_vec(&order).unwrap().len();
+    order["customer"] = serde_json::Value::String("c".repeat(1024usize.saturating_sub(len)));
+    serde_json::to_vec(&order).unwrap()
+}
+
+async fn start_wasm_host() -> u16 {
+    let runtime = Arc::new(Runtime::new(RuntimeOptions::default()).unwrap());
+    let consumer = runtime.load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm"))).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let outbound = Arc::new(DaprOutbound::new(DaprClient::new(1, None, RetryPolicy::default()), metrics.clone()));
+    let dispatcher = Arc::new(Dispatcher::new(runtime, outbound.clone(), Some(Arc::new(Slot::new(consumer))), None));
+    let options = AppOptions {
+        input_route: Some("/orders".into()),
+        produce_route: None,
+        app_token: None,
+        max_concurrency: CONNECTIONS,
+        max_body_bytes: 4 << 20,
+        dead_letter_binding: None,
+        attempt_memory: 100_000,
+    };
+    let app = Arc::new(App::new(options, dispatcher, metrics, outbound, Default::default()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    std::mem::forget(_stop);
+    tokio::spawn(wasm_pc::http::serve(listener, move |req| app.clone().handle(req), stopped, Duration::from_secs(1)));
+    port
+}
+
+/// The consumer's logic as a plain Rust handler: same decoding, same parsing
+/// and pricing, no wasm.
+async fn start_native() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    std::mem::forget(_stop);
+    let handler = |req: Request<hyper::body::Incoming>| async move {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let headers = parts.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+        let status = match wasm_pc::dapr::codec::decode_delivery(headers, &body)
+            .ok()
+            .and_then(|d| guest_orders::Order::parse(&d.body).ok())
+            .and_then(|o| o.total_cents())
+        {
+            Some(_) => StatusCode::OK,
+            None => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+        *r.status_mut() = status;
+        r
+    };
+    tokio::spawn(wasm_pc::http::serve(listener, handler, stopped, Duration::from_secs(1)));
+    port
+}
+
+struct Run {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn load(port: u16, body: &Bytes, requests: usize) -> Run {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..CONNECTIONS {
+        let body = body.clone();
+        let share = requests / CONNECTIONS + usize::from(c < requests % CONNECTIONS);
+        tasks.spawn(async move {
+            let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(conn);
+            let mut latencies = Vec::with_capacity(share);
+            for i in 0..share {
+                let request = Request::post("/orders")
+                    .header("host", "127.0.0.1")
+                    .header("content-type", "application/json")
+                    .header("id", format!("m-{c}-{i}"))
+                    .body(Full::new(body.clone()))
+                    .unwrap();
+                let t = Instant::now();
+                let response = sender.send_request(request).await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                response.into_body().collect().await.unwrap();
+                latencies.push(t.elapsed());
+            }
+            latencies
+        });
+    }
+    let mut all = Vec::with_capacity(requests);
+    while let Some(l) = tasks.join_next().await {
+        all.extend(l.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let (p50, p99) = common::percentiles(&mut all);
+    Run { rps: requests as f64 / elapsed.as_secs_f64(), p50, p99 }
+}
