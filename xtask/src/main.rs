@@ -3,16 +3,21 @@
 //! - `guests`: build the guest components (wasm32-wasip2, size-optimised) and
 //!   copy them to `target/modules/{producer,consumer}.wasm`.
 //! - `demo [N]`: build the guests and the host, run `wasm-pc dev --demo N`.
-//! - `ci`: everything CI checks: fmt, clippy, guests, all tests.
+//! - `ci`: everything CI checks: fmt, clippy, guests, the Rust tests and the
+//!   Kubernetes manifest checks, closing with one `ci: N passed, M failed` line.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use std::io::Write;
 
 use anyhow::{Context, bail};
 
 /// Guest crates and the module file each becomes.
 const GUESTS: [(&str, &str); 3] =
     [("guest-producer", "producer.wasm"), ("guest-consumer", "consumer.wasm"), ("test-guests", "faulty.wasm")];
+/// Overlays whose modules ConfigMap is generated from the built guests.
+const K8S_MODULE_DIRS: [&str; 2] = ["k8s/overlays/hot-swap/modules", "k8s/overlays/rolling/modules"];
 /// A ConfigMap holds at most 1 MiB.
 const MAX_GUEST_BYTES: u64 = 1 << 20;
 
@@ -69,6 +74,14 @@ fn guests(root: &Path) -> anyhow::Result<()> {
             bail!("{krate} is {size} bytes; a ConfigMap holds at most {MAX_GUEST_BYTES}");
         }
         std::fs::copy(&from, modules.join(file))?;
+        if file != "faulty.wasm" {
+            // The kustomize overlays generate the modules ConfigMap from these.
+            for overlay in K8S_MODULE_DIRS {
+                let dir = root.join(overlay);
+                std::fs::create_dir_all(&dir)?;
+                std::fs::copy(&from, dir.join(file))?;
+            }
+        }
         eprintln!("xtask: {file:<14} {size:>8} bytes  ({krate})");
     }
     Ok(())
@@ -78,18 +91,78 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["fmt", "--all", "--check"])?;
     guests(root)?;
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    test_and_count(root)
+    let rust = rust_tests(root);
+    let manifests = manifest_tests(root);
+    let (passed, failed) = [&rust, &manifests].iter().fold((0, 0), |(p, f), r| match r {
+        Ok((rp, rf)) => (p + rp, f + rf),
+        Err(_) => (p, f + 1),
+    });
+    // One plain closing line for every runner together.
+    writeln!(std::io::stdout().lock(), "ci: {passed} passed, {failed} failed")?;
+    rust?;
+    manifests?;
+    Ok(())
 }
 
-/// Runs the tests, echoing their output, and ends with one plain
-/// `ci: N passed, M failed` line summing every test binary.
-fn test_and_count(root: &Path) -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader, Write};
+/// The Rust tests; returns (passed, failed) summed over every test binary.
+fn rust_tests(root: &Path) -> anyhow::Result<(u64, u64)> {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(root).args(["test", "--workspace"]);
     for guest in GUESTS {
         command.args(["--exclude", guest.0]);
     }
+    let counts = echo_and_count(&mut command, |line| match line.strip_prefix("test result: ") {
+        Some(rest) => count_words(rest.split([';', '.'])),
+        None => (0, 0),
+    })?;
+    if counts.0 == 0 {
+        bail!("no test ran");
+    }
+    Ok(counts)
+}
+
+/// The Kubernetes manifest checks (pytest; see k8s/tests).
+fn manifest_tests(root: &Path) -> anyhow::Result<(u64, u64)> {
+    run(Command::new("python3").current_dir(root).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "kubernetes-validate",
+        "pyyaml",
+        "pytest",
+    ]))?;
+    let mut command = Command::new("python3");
+    command.current_dir(root).args(["-m", "pytest", "-q", "k8s/tests"]);
+    // pytest's summary line: "3 failed, 26 passed in 2.17s".
+    echo_and_count(&mut command, |line| {
+        if line.contains(" in ") && (line.contains(" passed") || line.contains(" failed")) {
+            count_words(line.split(','))
+        } else {
+            (0, 0)
+        }
+    })
+}
+
+/// Sums "N passed" and "N failed"/"N error(s)" among `parts`.
+fn count_words<'a>(parts: impl Iterator<Item = &'a str>) -> (u64, u64) {
+    let mut counts = (0, 0);
+    for part in parts {
+        let mut words = part.split_whitespace();
+        match (words.next().map(str::parse::<u64>), words.next()) {
+            (Some(Ok(n)), Some("passed")) => counts.0 += n,
+            (Some(Ok(n)), Some("failed" | "error" | "errors")) => counts.1 += n,
+            _ => {}
+        }
+    }
+    counts
+}
+
+/// Runs `command`, echoing its stdout, and sums what `count` finds per line.
+/// Fails when the command fails or any test failed.
+fn echo_and_count(command: &mut Command, count: impl Fn(&str) -> (u64, u64)) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
     eprintln!("xtask: {command:?}");
     let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
     let (mut passed, mut failed) = (0u64, 0u64);
@@ -98,25 +171,14 @@ fn test_and_count(root: &Path) -> anyhow::Result<()> {
         for line in BufReader::new(out).lines() {
             let line = line?;
             writeln!(stdout, "{line}")?;
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                for part in rest.split([';', '.']) {
-                    let mut words = part.split_whitespace();
-                    match (words.next().map(str::parse::<u64>), words.next()) {
-                        (Some(Ok(n)), Some("passed")) => passed += n,
-                        (Some(Ok(n)), Some("failed")) => failed += n,
-                        _ => {}
-                    }
-                }
-            }
+            let (p, f) = count(&line);
+            passed += p;
+            failed += f;
         }
     }
     let status = child.wait()?;
-    writeln!(std::io::stdout().lock(), "ci: {passed} passed, {failed} failed")?;
     if !status.success() || failed > 0 {
-        bail!("tests failed: {status}");
+        bail!("{command:?}: {failed} failed ({status})");
     }
-    if passed == 0 {
-        bail!("no test ran");
-    }
-    Ok(())
+    Ok((passed, failed))
 }

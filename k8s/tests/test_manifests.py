@@ -1,0 +1,277 @@
+"""Static checks of the Kubernetes manifests: they must be right the first
+time someone applies them, and no cluster runs here.
+
+Renders every overlay with `kubectl kustomize`, validates core objects
+against the Kubernetes OpenAPI schemas (kubernetes-validate), checks the
+Dapr and KEDA objects against their required fields and enums, and checks
+the invariants that tie the objects to each other and to the host.
+"""
+
+import base64
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+OVERLAYS = ["hot-swap", "rolling", "workload-identity"]
+K8S_VERSION = "1.32"
+CONFIGMAP_LIMIT = 1 << 20
+
+
+def render(overlay):
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with kustomize) is not installed here")
+    missing = [p for p in (K8S / "overlays").glob("*/modules") if not any(p.glob("*.wasm"))]
+    assert not missing, f"run `cargo xtask guests` first: no modules in {missing}"
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert found, f"no {kind} {name or ''}"
+    return found
+
+
+def one(docs, kind, name):
+    return by_kind(docs, kind, name)[0]
+
+
+def env(container):
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def host(deployment):
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def annotations(deployment):
+    return deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+def component_meta(component):
+    return {m["name"]: m.get("value", m.get("secretKeyRef")) for m in component["spec"]["metadata"]}
+
+
+@pytest.fixture(params=OVERLAYS, scope="module")
+def docs(request):
+    return render(request.param)
+
+
+def test_core_objects_validate_against_kubernetes_schemas(docs):
+    core = [d for d in docs if d["apiVersion"] in ("v1", "apps/v1")]
+    assert len(core) >= 4
+    for d in core:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+def test_dapr_components_have_required_fields(docs):
+    for c in by_kind(docs, "Component"):
+        assert c["apiVersion"] == "dapr.io/v1alpha1"
+        assert c["spec"]["type"] == "bindings.azure.servicebusqueues"
+        assert c["spec"]["version"] == "v1"
+        meta = component_meta(c)
+        assert ("connectionString" in meta) != ("namespaceName" in meta), "exactly one way to reach the namespace"
+        assert isinstance(meta["queueName"], str) and meta["queueName"]
+        assert meta["direction"] in ("input", "output")
+        for m in c["spec"]["metadata"]:
+            assert set(m) <= {"name", "value", "secretKeyRef"}
+            if "value" in m:
+                assert isinstance(m["value"], str), f"{c['metadata']['name']}.{m['name']} must be a string"
+            if "secretKeyRef" in m:
+                assert set(m["secretKeyRef"]) == {"name", "key"}
+        assert meta["disableEntityManagement"] == "true", "queues are created beforehand; apps need no Manage right"
+        assert len(c["scopes"]) == 1
+
+
+def test_keda_objects_have_required_fields_and_enums(docs):
+    so = one(docs, "ScaledObject", "wasm-pc-consumer")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    spec = so["spec"]
+    assert spec["scaleTargetRef"]["name"]
+    assert spec["triggers"], "minItems 1"
+    assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert spec["pollingInterval"] >= 1 and spec["cooldownPeriod"] >= 0
+    names = {t["metadata"]["name"] for t in by_kind(docs, "TriggerAuthentication")}
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "azure-servicebus"
+        meta = trigger["metadata"]
+        assert all(isinstance(v, str) for v in meta.values()), "trigger metadata values are strings in the CRD"
+        assert ("queueName" in meta) != ("topicName" in meta)
+        assert "subscriptionName" not in meta
+        assert re.fullmatch(r"\d+", meta["messageCount"]) and re.fullmatch(r"\d+", meta["activationMessageCount"])
+        assert trigger["authenticationRef"]["name"] in names
+        assert trigger["authenticationRef"].get("kind", "TriggerAuthentication") in (
+            "TriggerAuthentication",
+            "ClusterTriggerAuthentication",
+        )
+    for ta in by_kind(docs, "TriggerAuthentication"):
+        spec = ta["spec"]
+        for ref in spec.get("secretTargetRef", []):
+            assert set(ref) == {"parameter", "name", "key"} and ref["parameter"] == "connection"
+        if "podIdentity" in spec:
+            assert spec["podIdentity"]["provider"] in ("azure-workload", "gcp", "aws", "aws-eks", "none")
+            assert all("namespace" in t["metadata"] for t in so["spec"]["triggers"]), "pod identity needs the namespace"
+        assert "secretTargetRef" in spec or "podIdentity" in spec
+
+
+def test_scaled_object_targets_the_consumer_and_matches_its_concurrency(docs):
+    so = one(docs, "ScaledObject", "wasm-pc-consumer")
+    consumer = one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])
+    assert consumer["metadata"]["name"] == "wasm-pc-consumer"
+    assert "replicas" not in consumer["spec"], "a re-apply would reset the replica count KEDA chose"
+    concurrency = env(host(consumer))["WASM_PC_MAX_CONCURRENCY"]
+    assert annotations(consumer)["dapr.io/app-max-concurrency"] == concurrency
+    inbound = one(docs, "Component", env(host(consumer))["WASM_PC_INPUT_BINDING"])
+    meta = component_meta(inbound)
+    assert meta["maxConcurrentHandlers"] == meta["maxActiveMessages"] == concurrency
+    assert int(meta["lockRenewalInSec"]) < 60, "renew before the queue's (default 60 s) lock expires"
+    trigger = so["spec"]["triggers"][0]["metadata"]
+    assert trigger["messageCount"] == concurrency
+    assert trigger["queueName"] == meta["queueName"]
+
+
+def test_selectors_labels_ports_and_bindings_line_up(docs):
+    for d in by_kind(docs, "Deployment"):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in d["spec"]["selector"]["matchLabels"].items())
+        a = annotations(d)
+        for key, value in a.items():
+            assert isinstance(value, str), f"annotation {key} must be a string"
+        assert a["dapr.io/enabled"] == "true" and a["dapr.io/app-protocol"] == "http"
+        assert a["dapr.io/app-id"] == d["metadata"]["name"]
+        c = host(d)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert a["dapr.io/app-port"] == str(ports["http"]) == env(c)["WASM_PC_APP_PORT"]
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert a["dapr.io/app-health-check-path"] == "/healthz", "daprd sends no token to health checks"
+        assert {e["name"] for e in c["env"]} >= {"APP_API_TOKEN", "DAPR_API_TOKEN"}
+        secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+        assert a["dapr.io/app-token-secret"] in secrets and a["dapr.io/api-token-secret"] in secrets
+    service = one(docs, "Service", "wasm-pc-producer")
+    producer = one(docs, "Deployment", "wasm-pc-producer")
+    assert service["spec"]["selector"].items() <= producer["spec"]["template"]["metadata"]["labels"].items()
+
+    components = {c["metadata"]["name"]: c for c in by_kind(docs, "Component")}
+    consumer = one(docs, "Deployment", "wasm-pc-consumer")
+    cenv = env(host(consumer))
+    inbound = components[cenv["WASM_PC_INPUT_BINDING"]]
+    assert component_meta(inbound)["direction"] == "input" and inbound["scopes"] == ["wasm-pc-consumer"]
+    dead = components[cenv["WASM_PC_DEAD_LETTER_BINDING"]]
+    assert component_meta(dead)["direction"] == "output" and dead["scopes"] == ["wasm-pc-consumer"]
+    penv = env(host(producer))
+    binding = dict(kv.split("=", 1) for kv in penv["WASM_PC_PRODUCER_CONFIG"].split(","))["binding"]
+    outbound = components[binding]
+    assert component_meta(outbound)["direction"] == "output" and outbound["scopes"] == ["wasm-pc-producer"]
+    assert component_meta(outbound)["queueName"] == component_meta(inbound)["queueName"]
+
+
+def test_shutdown_is_ordered_so_the_app_outlives_daprd(docs):
+    for d in by_kind(docs, "Deployment"):
+        dapr_grace = int(annotations(d)["dapr.io/graceful-shutdown-seconds"])
+        e = env(host(d))
+        drain, deadline = float(e["WASM_PC_DRAIN_SECS"]), float(e["WASM_PC_SHUTDOWN_DEADLINE_SECS"])
+        kube = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert dapr_grace < drain < deadline < kube, (dapr_grace, drain, deadline, kube)
+
+
+def test_pods_are_locked_down(docs):
+    for d in by_kind(docs, "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        c = host(d)
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert set(c["resources"]) == {"requests", "limits"}
+        assert e_value(c, "WASM_PC_MODULES_DIR") == "/modules"
+
+
+def e_value(container, name):
+    return env(container)[name]
+
+
+def test_modules_configmap_is_a_directory_mount_under_one_mib(docs):
+    cms = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("wasm-pc-modules")]
+    assert len(cms) == 1
+    cm = cms[0]
+    assert set(cm["binaryData"]) == {"producer.wasm", "consumer.wasm"}
+    assert "data" not in cm and not cm.get("immutable", False)
+    total = sum(len(base64.b64decode(v)) for v in cm["binaryData"].values())
+    assert total < CONFIGMAP_LIMIT, f"{total} bytes of modules; a ConfigMap holds at most 1 MiB"
+    for key, value in cm["binaryData"].items():
+        assert base64.b64decode(value)[:4] == b"\0asm", key
+    for d in by_kind(docs, "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if "configMap" in v)
+        assert volume["configMap"]["name"] == cm["metadata"]["name"]
+        mount = next(m for m in host(d)["volumeMounts"] if m["name"] == volume["name"])
+        assert "subPath" not in mount, "a subPath mount is never updated: hot swap would stop"
+        assert mount["readOnly"] is True and mount["mountPath"] == "/modules"
+
+
+def test_overlays_differ_in_what_a_module_change_does():
+    hot = next(d for d in render("hot-swap") if d["kind"] == "ConfigMap")
+    rolling = next(d for d in render("rolling") if d["kind"] == "ConfigMap")
+    assert hot["metadata"]["name"] == "wasm-pc-modules", "hot swap: a stable name, pods are not rolled"
+    assert re.fullmatch(r"wasm-pc-modules-[a-z0-9]{10}", rolling["metadata"]["name"]), "rolling: a content hash"
+
+
+def test_workload_identity_uses_no_secrets_for_service_bus():
+    docs = render("workload-identity")
+    for c in by_kind(docs, "Component"):
+        assert "connectionString" not in component_meta(c)
+        assert "azureClientId" in component_meta(c)
+    for d in by_kind(docs, "Deployment"):
+        assert d["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+        assert d["spec"]["template"]["spec"]["serviceAccountName"] == "wasm-pc"
+    ta = one(docs, "TriggerAuthentication", "wasm-pc-servicebus")
+    assert ta["spec"]["podIdentity"]["provider"] == "azure-workload" and "secretTargetRef" not in ta["spec"]
+
+
+def test_no_secret_value_is_committed():
+    tracked = subprocess.run(["git", "ls-files", "k8s"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.split():
+        path = ROOT / name
+        if path.suffix not in (".yaml", ".yml"):
+            continue
+        text = path.read_text()
+        assert "SharedAccessKey=" not in text or "SharedAccessKey=..." in text, name
+        for doc in yaml.safe_load_all(text):
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                values = list((doc.get("stringData") or {}).values()) + list((doc.get("data") or {}).values())
+                assert all(v == "REPLACE_ME" for v in values), f"{name}: a Secret holds a real-looking value"
+
+
+def test_dockerfile_builds_a_minimal_non_root_image_without_modules():
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
+    assert len(stages) >= 2, "multi-stage"
+    names = [s[1] for s in stages]
+    runtime = text.split("AS runtime", 1)[1].split("\nFROM ", 1)[0]
+    assert "distroless" in dict((s[1], s[0]) for s in stages)["runtime"]
+    assert "cargo build --release" in text and "--locked" in text
+    assert re.search(r"^USER\s+65532", runtime, re.MULTILINE)
+    assert ".wasm" not in runtime, "no guest module is baked into the runtime image"
+    assert "ENTRYPOINT" in runtime
+    assert "precompiled" in names, "an optional stage precompiles modules"
+
+
+def test_the_host_binary_needs_only_what_distroless_cc_has():
+    binary = next((p for p in (ROOT / "target/release/wasm-pc", ROOT / "target/debug/wasm-pc") if p.exists()), None)
+    if binary is None or shutil.which("ldd") is None:
+        pytest.skip("no host binary built yet, or no ldd")
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
+    libs = {line.split()[0] for line in out.splitlines() if line.strip()}
+    allowed = re.compile(r"^(linux-vdso\.so\.1|libgcc_s\.so\.1|libm\.so\.6|libc\.so\.6|/lib64/ld-linux-x86-64\.so\.2)$")
+    assert all(allowed.match(lib) for lib in libs), f"{libs}: the distroless/cc image has only glibc and libgcc"
