@@ -3,6 +3,10 @@
 //! - `guests`: build the guest components (wasm32-wasip2, size-optimised) and
 //!   copy them to `target/modules/{producer,consumer}.wasm`.
 //! - `demo [N]`: build the guests and the host, run `wasm-pc dev --demo N`.
+//! - `daprd`: build a real daprd (pinned release, RabbitMQ binding only) from
+//!   the Go module proxy into a cache outside the repo.
+//! - `e2e`: build daprd if needed, then run the end-to-end test with real
+//!   daprd sidecars and a real RabbitMQ broker.
 //! - `ci`: everything CI checks: fmt, clippy, guests, the Rust tests and the
 //!   Kubernetes manifest checks, closing with one `ci: N passed, M failed` line.
 
@@ -32,7 +36,13 @@ fn main() -> anyhow::Result<()> {
             cargo(&root, &["run", "--release", "--quiet", "-p", "wasm-pc", "--", "dev", "--demo", count])
         }
         Some("ci") => ci(&root),
-        _ => bail!("usage: cargo xtask <guests | demo [N] | ci>"),
+        Some("daprd") => daprd().map(|path| eprintln!("xtask: daprd ready at {}", path.display())),
+        Some("e2e") => {
+            daprd()?;
+            guests(&root)?;
+            e2e(&root, true).map(|_| ())
+        }
+        _ => bail!("usage: cargo xtask <guests | demo [N] | ci | daprd | e2e>"),
     }
 }
 
@@ -93,7 +103,17 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     let rust = rust_tests(root);
     let manifests = manifest_tests(root);
-    let (passed, failed) = [&rust, &manifests].iter().fold((0, 0), |(p, f), r| match r {
+    let end_to_end = if daprd_path().exists() && which("rabbitmq-server") {
+        e2e(root, false)
+    } else {
+        writeln!(
+            std::io::stdout().lock(),
+            "e2e: SKIPPED: no cached daprd at {} (or no rabbitmq-server); `cargo xtask e2e` builds daprd and runs it",
+            daprd_path().display()
+        )?;
+        Ok((0, 0))
+    };
+    let (passed, failed) = [&rust, &manifests, &end_to_end].iter().fold((0, 0), |(p, f), r| match r {
         Ok((rp, rf)) => (p + rp, f + rf),
         Err(_) => (p, f + 1),
     });
@@ -101,7 +121,96 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     writeln!(std::io::stdout().lock(), "ci: {passed} passed, {failed} failed")?;
     rust?;
     manifests?;
+    end_to_end?;
     Ok(())
+}
+
+/// The Dapr release the end-to-end test runs against.
+const DAPR_VERSION: &str = "v1.18.0";
+
+/// Where `cargo xtask daprd` keeps its build: outside the repo, reused.
+fn daprd_cache() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("wasm-pc").join(format!("daprd-{DAPR_VERSION}"))
+}
+
+fn daprd_path() -> PathBuf {
+    daprd_cache().join("daprd")
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Builds daprd from the `github.com/dapr/dapr` module at a pinned release.
+/// Its go.mod has replace directives, so it is built inside a copy of the
+/// module, not with `go install pkg@version`. Only the RabbitMQ binding is
+/// compiled in (a `wasmpc` build tag), which keeps the build to minutes.
+fn daprd() -> anyhow::Result<PathBuf> {
+    let out = daprd_path();
+    if out.exists() {
+        return Ok(out);
+    }
+    let started = std::time::Instant::now();
+    let cache = daprd_cache();
+    let download = Command::new("go")
+        .args(["mod", "download", "-json", &format!("github.com/dapr/dapr@{DAPR_VERSION}")])
+        .env("GOFLAGS", "-mod=mod")
+        .output()
+        .context("running go (is Go installed?)")?;
+    let listing = String::from_utf8_lossy(&download.stdout);
+    let dir = listing
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"Dir\": \""))
+        .map(|l| l.trim_end_matches(['"', ',']).to_string())
+        .with_context(|| format!("go mod download gave no Dir: {listing}"))?;
+    let src = cache.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&cache)?;
+    run(Command::new("cp").arg("-r").arg(&dir).arg(&src))?;
+    run(Command::new("chmod").arg("-R").arg("u+w").arg(&src))?;
+    let components = src.join("cmd/daprd/components");
+    let rabbit = std::fs::read_to_string(components.join("bindings_rabbitmq.go"))?;
+    std::fs::write(
+        components.join("wasmpc_rabbitmq.go"),
+        rabbit.replacen("//go:build allcomponents || stablecomponents", "//go:build wasmpc", 1),
+    )?;
+    let notag = std::fs::read_to_string(components.join("zz_notag.go"))?;
+    std::fs::write(
+        components.join("zz_notag.go"),
+        notag.replacen(
+            "//go:build !allcomponents && !stablecomponents",
+            "//go:build !allcomponents && !stablecomponents && !wasmpc",
+            1,
+        ),
+    )?;
+    run(Command::new("go")
+        .current_dir(&src)
+        .args(["build", "-tags", "wasmpc", "-o"])
+        .arg(&out)
+        .arg("./cmd/daprd")
+        .env("GOFLAGS", "-mod=mod"))?;
+    eprintln!("xtask: built daprd {DAPR_VERSION} in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+/// The end-to-end test (ignored by default): real daprd, real RabbitMQ.
+fn e2e(root: &Path, install_broker: bool) -> anyhow::Result<(u64, u64)> {
+    if install_broker && !which("rabbitmq-server") {
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "rabbitmq-server"]))?;
+    }
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .current_dir(root)
+        .args(["test", "-p", "wasm-pc", "--test", "all", "e2e::", "--", "--ignored", "--nocapture"])
+        .env("WASM_PC_DAPRD", daprd_path());
+    echo_and_count(&mut command, |line| match line.strip_prefix("test result: ") {
+        Some(rest) => count_words(rest.split([';', '.'])),
+        None => (0, 0),
+    })
 }
 
 /// The Rust tests; returns (passed, failed) summed over every test binary.

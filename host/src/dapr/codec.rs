@@ -99,6 +99,13 @@ pub fn decode_delivery<'a>(
             }
         }
     }
+    if id.is_empty() {
+        // Bindings other than Service Bus's (RabbitMQ's, say) forward the
+        // sender's `MessageId` metadata as a plain header instead of `id`.
+        if let Some(pos) = metadata.iter().position(|(k, _)| k == "messageid") {
+            id = metadata.remove(pos).1;
+        }
+    }
     let body = match encoding.as_deref() {
         None => body.to_vec(),
         Some("base64") => {

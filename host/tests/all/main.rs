@@ -3,6 +3,7 @@
 
 mod dapr;
 mod dev;
+mod e2e;
 mod guests;
 mod process;
 mod queue;
