@@ -62,6 +62,10 @@ pub struct DevArgs {
     /// First retry delay in milliseconds (doubles per delivery).
     #[arg(long, env = "WASM_PC_RETRY_BACKOFF_MS", default_value_t = 100)]
     retry_backoff_ms: u64,
+    /// Cap on the queue database's size, in MiB: past it, sends fail with a
+    /// clear error rather than filling the disk.
+    #[arg(long, env = "WASM_PC_MAX_DB_MIB")]
+    max_db_mib: Option<u64>,
     /// fsync every commit (survives power loss, not only a crash).
     #[arg(long, env = "WASM_PC_FULL_SYNC")]
     full_sync: bool,
@@ -90,6 +94,7 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
             max_delivery_count: args.max_delivery_count,
             lock_duration: Duration::from_millis(args.lock_ms),
             default_ttl: None,
+            max_bytes: args.max_db_mib.map(|m| m << 20),
         },
         args.full_sync,
     )?;

@@ -70,7 +70,9 @@ fn run_async(future: impl std::future::Future<Output = anyhow::Result<ExitCode>>
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_PC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal, never into files or collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if format == "json" {
         builder.json().init();
     } else {

@@ -63,6 +63,8 @@ pub struct App {
     /// Set after SIGTERM: still serving, but reporting not ready.
     pub draining: AtomicBool,
     peak_in_flight: AtomicU64,
+    /// Subscription probes answered (daprd sends one per binding start).
+    probes: AtomicU64,
     reload: ReloadStatus,
 }
 
@@ -86,6 +88,7 @@ impl App {
             sidecar_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             peak_in_flight: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
             reload,
         }
     }
@@ -100,7 +103,12 @@ impl App {
         let path = request.uri().path().to_string();
         if self.options.input_route.as_deref() == Some(path.as_str()) {
             return match *request.method() {
-                Method::OPTIONS if self.authorized(&request) => http::json(StatusCode::OK, &serde_json::json!({})),
+                Method::OPTIONS if self.authorized(&request) => {
+                    if self.probes.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::info!(route = %path, "daprd probed the input binding route: subscribed");
+                    }
+                    http::json(StatusCode::OK, &serde_json::json!({}))
+                }
                 Method::OPTIONS => unauthorized(),
                 Method::POST => self.deliver(request).await,
                 _ => http::error(StatusCode::METHOD_NOT_ALLOWED, "the binding route takes OPTIONS and POST"),

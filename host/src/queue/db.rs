@@ -80,6 +80,11 @@ impl Database {
         }
         let sync = if full_sync { "FULL" } else { "NORMAL" };
         self.conn.pragma_update(None, "synchronous", sync).map_err(err)?;
+        if let Some(max) = self.options.max_bytes {
+            let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(err)?;
+            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(512);
+            self.conn.pragma_update(None, "max_page_count", pages.max(16)).map_err(err)?;
+        }
         // Look first, in a read transaction: a database another host is busy
         // writing to can still be opened (WAL readers never wait).
         let (has_meta, has_other, found) = {

@@ -32,11 +32,20 @@ pub struct QueueOptions {
     pub lock_duration: Duration,
     /// TTL of messages sent without one; `None` is forever.
     pub default_ttl: Option<Duration>,
+    /// Largest the database file may grow, in bytes; `None` is up to the
+    /// disk. Past it, sends fail with [`QueueError::DiskFull`] and nothing is
+    /// lost: a producer gets a clear error instead of a full disk.
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for QueueOptions {
     fn default() -> Self {
-        QueueOptions { max_delivery_count: 10, lock_duration: Duration::from_secs(60), default_ttl: None }
+        QueueOptions {
+            max_delivery_count: 10,
+            lock_duration: Duration::from_secs(60),
+            default_ttl: None,
+            max_bytes: None,
+        }
     }
 }
 

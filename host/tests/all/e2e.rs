@@ -205,6 +205,11 @@ fn collect(
     seen
 }
 
+/// The order id of a forwarded summary.
+fn order_of(m: &serde_json::Value) -> String {
+    serde_json::from_slice::<serde_json::Value>(&payload(m)).unwrap()["order"].as_str().unwrap().to_string()
+}
+
 fn payload(m: &serde_json::Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(m["payload"].as_str().unwrap()).unwrap()
 }
@@ -280,9 +285,7 @@ fn real_daprd_and_rabbitmq_end_to_end() {
         let (status, body) = post(&producer, "application/json", &serde_json::to_vec(&orders).unwrap());
         assert_eq!(status, 202, "{body}");
     }
-    let done = collect(&rabbit, "done", 199, Duration::from_secs(60), |m| {
-        serde_json::from_slice::<serde_json::Value>(&payload(m)).unwrap()["order"].as_str().unwrap().to_string()
-    });
+    let done = collect(&rabbit, "done", 199, Duration::from_secs(60), order_of);
     let elapsed = started.elapsed();
     for (id, copies) in &done {
         let summary: serde_json::Value = serde_json::from_slice(&payload(&copies[0])).unwrap();
@@ -292,6 +295,10 @@ fn real_daprd_and_rabbitmq_end_to_end() {
         assert_eq!(summary["customer"], "acme <&> co");
     }
     assert!(done.contains_key("o-0-0"), "the flaky order succeeded after its retries");
+    let (_, metrics) = http(([127, 0, 0, 1], consumer.app_port).into(), "GET", "/metrics", "text/plain", b"").unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("wasm_pc_binding_probes 1"), "daprd's OPTIONS probe subscribed the binding:\n{metrics}");
+    assert!(metrics.contains("wasm_pc_messages_abandoned_total 2"), "the flaky order was refused twice:\n{metrics}");
     assert!(!done.contains_key("o-0-1"), "the poison order was not processed");
     println!(
         "e2e throughput: 199 orders through two sidecars and RabbitMQ in {:.2} s = {:.0} orders/s",
@@ -345,9 +352,7 @@ fn real_daprd_and_rabbitmq_end_to_end() {
         &root.join("consumer"),
         &root.join("daprd-consumer-2.log"),
     ));
-    let after = collect(&rabbit, "done", 400, Duration::from_secs(60), |m| {
-        serde_json::from_slice::<serde_json::Value>(&payload(m)).unwrap()["order"].as_str().unwrap().to_string()
-    });
+    let after = collect(&rabbit, "done", 400, Duration::from_secs(60), order_of);
     assert!((0..400).all(|i| after.contains_key(&format!("t-{i}"))), "none lost across SIGTERM");
     let twice = after.values().filter(|copies| copies.len() > 1).count();
     println!("e2e SIGTERM: 400 of 400 orders completed after the restart; {twice} processed twice (at-least-once)");

@@ -11,6 +11,7 @@ fn options(lock_ms: u64, max_deliveries: u32) -> QueueOptions {
         max_delivery_count: max_deliveries,
         lock_duration: Duration::from_millis(lock_ms),
         default_ttl: None,
+        max_bytes: None,
     }
 }
 
@@ -221,4 +222,28 @@ async fn concurrent_sends_are_group_committed_and_all_land() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 2000);
+}
+
+#[test]
+fn a_full_database_refuses_sends_clearly_and_keeps_what_it_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = QueueOptions { max_bytes: Some(256 << 10), ..QueueOptions::default() };
+    let mut db = Database::open(&dir.path().join("q.db"), opts, false).unwrap();
+    let big = |i: usize| NewMessage { id: Some(format!("m{i}")), body: vec![7u8; 16 << 10], ..NewMessage::default() };
+    let mut stored = 0;
+    let err = loop {
+        match db.send("q", vec![big(stored)]) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 1_000, "the cap was never hit");
+    };
+    assert!(matches!(err, QueueError::DiskFull(_)), "{err}");
+    assert!(err.to_string().contains("disk is full"), "{err}");
+    assert!(stored > 0);
+    // Nothing already stored is lost; once space is freed, sends work again.
+    assert_eq!(db.depth("q").unwrap().active, stored as u64);
+    assert_eq!(db.peek("q", false, 10_000).unwrap().len(), stored);
+    assert_eq!(db.purge("q", PurgeTarget::All).unwrap(), stored);
+    assert!(db.send("q", vec![big(0)]).is_ok());
 }

@@ -242,7 +242,7 @@ async fn broken_modules_never_replace_the_live_one() {
 }
 
 #[test]
-fn plain_file_replacement_swaps_the_embedded_pool_mid_stream() {
+fn twenty_plain_file_replacements_swap_the_embedded_pool_mid_stream() {
     let dir = tempfile::tempdir().unwrap();
     let modules = dir.path().join("modules");
     std::fs::create_dir(&modules).unwrap();
@@ -259,8 +259,8 @@ fn plain_file_replacement_swaps_the_embedded_pool_mid_stream() {
     );
     let mut db = Database::open(&db_path, QueueOptions::default(), false).unwrap();
     let mut sent = 0;
-    for round in 0..8 {
-        for _ in 0..50 {
+    for round in 0..20 {
+        for _ in 0..25 {
             db.send(
                 "orders",
                 vec![NewMessage { id: Some(format!("m{sent}")), body: b"tag".to_vec(), ..NewMessage::default() }],
@@ -268,14 +268,11 @@ fn plain_file_replacement_swaps_the_embedded_pool_mid_stream() {
             .unwrap();
             sent += 1;
         }
-        std::thread::sleep(Duration::from_millis(300));
-        if round % 2 == 1 {
-            // Write beside, rename over: what `cp` + `mv` or an editor does.
-            let next = if round % 4 == 1 { &b } else { &a };
-            std::fs::write(modules.join(".consumer.wasm.tmp"), next).unwrap();
-            std::fs::rename(modules.join(".consumer.wasm.tmp"), modules.join("consumer.wasm")).unwrap();
-            std::thread::sleep(Duration::from_millis(700));
-        }
+        // Write beside, rename over: what `cp` + `mv` or an editor does.
+        let next = if round % 2 == 0 { &b } else { &a };
+        std::fs::write(modules.join(".consumer.wasm.tmp"), next).unwrap();
+        std::fs::rename(modules.join(".consumer.wasm.tmp"), modules.join("consumer.wasm")).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while db.depth("tags").unwrap().active < sent {
