@@ -60,12 +60,9 @@ impl Outbound for EmbeddedOutbound {
                 return Err(SendError::UnknownBinding(format!("no binding {binding:?}; configured: {known}")));
             }
             let record = to_new_message(message)?;
-            let ids = self.queue.send(binding, vec![record]).await.map_err(|e| match e {
-                QueueError::DiskFull(_) | QueueError::Busy { .. } | QueueError::Closed => {
-                    SendError::Unavailable(e.to_string())
-                }
-                other => SendError::Unavailable(other.to_string()),
-            })?;
+            // Every queue failure (full, busy, closed) may clear up: never `rejected`.
+            let ids =
+                self.queue.send(binding, vec![record]).await.map_err(|e| SendError::Unavailable(e.to_string()))?;
             self.metrics.sent.fetch_add(1, Ordering::Relaxed);
             ids.into_iter().next().ok_or_else(|| SendError::Unavailable("the queue returned no id".into()))
         })
