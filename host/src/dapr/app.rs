@@ -251,6 +251,7 @@ impl App {
                 "1 when daprd's outbound API answers.",
                 u64::from(self.sidecar_ready.load(Ordering::Relaxed)),
             ),
+            ("binding_probes", "Subscription probes (OPTIONS) daprd sent.", self.probes.load(Ordering::Relaxed)),
         ];
         self.metrics.render(&self.dispatcher.live_modules(), &gauges)
     }

@@ -263,3 +263,39 @@ fn release_guests_fit_in_a_configmap() {
         assert!(size < 1 << 20, "{which} is {size} bytes; a ConfigMap holds at most 1 MiB");
     }
 }
+
+/// `cargo component build` (wasm32-wasip1 plus the preview-1 adapter) makes
+/// components the host runs like the wasm32-wasip2 ones. Skipped, saying so,
+/// where cargo-component is not installed.
+#[tokio::test]
+async fn guests_built_with_cargo_component_load_and_run() {
+    let have = |cmd: &str, args: &[&str], needle: &str| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(needle))
+    };
+    if !have("cargo", &["component", "--version"], "cargo-component")
+        || !have("rustup", &["target", "list", "--installed"], "wasm32-wasip1")
+    {
+        eprintln!("SKIPPED: cargo-component or the wasm32-wasip1 target is not installed");
+        return;
+    }
+    let target = guests::workspace().join("target/guests-component");
+    let status = std::process::Command::new("cargo")
+        .current_dir(guests::workspace())
+        .args(["component", "build", "--release", "-p", "guest-consumer", "-p", "guest-producer"])
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dir = target.join("wasm32-wasip1/release");
+    let rt = runtime_with(small_limits());
+    let consumer =
+        rt.load_consumer(ModuleSpec::new("consumer", std::fs::read(dir.join("guest_consumer.wasm")).unwrap())).unwrap();
+    rt.load_producer(ModuleSpec::new("producer", std::fs::read(dir.join("guest_producer.wasm")).unwrap())).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    assert_eq!(rt.consume(&consumer, &message("m", order("o", "A").as_bytes()), out.clone()).await.unwrap(), Ok(()));
+    let bad = rt.consume(&consumer, &message("m", b"nope"), out).await.unwrap();
+    assert!(matches!(bad, Err(ConsumeError::Reject(_))));
+}
