@@ -61,6 +61,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_version_file_beside_the_module_names_its_version() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("consumer.wasm"), b"\0asm")?;
+        let mut source = ModuleSource::in_dir(dir.path(), "consumer.wasm", World::Consumer);
+        source.version = Some("from-flag".into());
+        assert_eq!(source.read()?.version.as_deref(), Some("from-flag"));
+        std::fs::write(dir.path().join("consumer.version"), "1.4.2\n")?;
+        let spec = source.read()?;
+        assert_eq!((spec.name.as_str(), spec.version.as_deref()), ("consumer", Some("1.4.2")));
+        Ok(())
+    }
+
+    #[test]
     fn pairs_parse_and_bad_ones_are_named() {
         let got = parse_pairs(["a=1", " b = x=y ", ""]).unwrap_or_default();
         assert_eq!(got.get("a").map(String::as_str), Some("1"));
