@@ -153,6 +153,7 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
         limit: args.max_body_bytes,
         reload,
     });
+    let reload_status = state.reload.clone();
     let router = move |request| Arc::clone(&state).route(request);
     let server = tokio::spawn(http::serve(listener, router, stopped.clone(), Duration::from_secs(10)));
     let pool_options = PoolOptions {
@@ -174,7 +175,13 @@ pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
         pool_options,
         stopped.clone(),
     ));
-    let status = tokio::spawn(report_status(queue.clone(), args.queue.clone(), Arc::clone(&metrics), stopped.clone()));
+    let status = tokio::spawn(report_status(
+        queue.clone(),
+        args.queue.clone(),
+        Arc::clone(&metrics),
+        reload_status,
+        stopped.clone(),
+    ));
 
     let code = match args.demo {
         Some(count) => {
@@ -254,7 +261,13 @@ impl Routes {
 }
 
 /// A one-line live status on a terminal; a log line now and then otherwise.
-async fn report_status(queue: QueueHandle, name: String, metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) {
+async fn report_status(
+    queue: QueueHandle,
+    name: String,
+    metrics: Arc<Metrics>,
+    reload: ReloadStatus,
+    mut stopped: watch::Receiver<bool>,
+) {
     let tty = std::io::stderr().is_terminal();
     let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(5) };
     let mut last = None;
@@ -274,6 +287,13 @@ async fn report_status(queue: QueueHandle, name: String, metrics: Arc<Metrics>, 
             s.in_flight,
             depth.pending()
         );
+        // A refused module is news: say which version still serves, and why.
+        let refused: Vec<String> = reload
+            .snapshot()
+            .into_iter()
+            .filter_map(|r| r.last_error.map(|e| format!("  | {} refused, {} serving: {e}", r.file, r.live)))
+            .collect();
+        let line = line + &refused.concat();
         if tty {
             let mut err = std::io::stderr().lock();
             let _ = write!(err, "\r\x1b[2K{line}");
