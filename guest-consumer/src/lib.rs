@@ -25,7 +25,8 @@ struct Consumer;
 impl Guest for Consumer {
     fn handle(message: Message) -> Result<(), ConsumeError> {
         if message.content_type.as_deref() == Some("application/octet-stream") {
-            return forward(&message.id, message.body, message.content_type);
+            let body = message.body;
+            return forward(&message.id, message.content_type, || body);
         }
         let order = Order::parse(&message.body).map_err(|e| ConsumeError::Reject(e.to_string()))?;
         let total =
@@ -59,22 +60,26 @@ impl Guest for Consumer {
                 ("total_cents".to_string(), total.to_string()),
             ],
         );
-        let summary = serde_json::json!({
-            "order": order.id,
-            "customer": order.customer,
-            "total_cents": total,
-            "version": config::get("version"),
-        });
-        forward(&order.id, summary.to_string().into_bytes(), Some("application/json".to_string()))
+        forward(&order.id, Some("application/json".to_string()), || {
+            let summary = serde_json::json!({
+                "order": order.id,
+                "customer": order.customer,
+                "total_cents": total,
+                "version": config::get("version"),
+            });
+            summary.to_string().into_bytes()
+        })
     }
 }
 
-/// Sends `body` to the configured forward binding, if any. A failed send is
-/// worth a retry: the order itself was fine.
-fn forward(id: &str, body: Vec<u8>, content_type: Option<String>) -> Result<(), ConsumeError> {
+/// Sends the body `make` builds to the configured forward binding, if any
+/// (and only then builds it). A failed send is worth a retry: the order
+/// itself was fine.
+fn forward(id: &str, content_type: Option<String>, make: impl FnOnce() -> Vec<u8>) -> Result<(), ConsumeError> {
     let Some(binding) = config::get("forward-binding") else {
         return Ok(());
     };
+    let body = make();
     let message = OutboundMessage {
         id: Some(format!("{id}-processed")),
         body,

@@ -92,8 +92,9 @@ async fn start_wasm_host() -> u16 {
     port
 }
 
-/// The consumer's logic as a plain Rust handler: same decoding, same parsing
-/// and pricing, no wasm.
+/// The consumer's logic as a plain Rust handler: same decoding, same parsing,
+/// pricing and config rules (looked up per request, as the guest does), no
+/// wasm.
 async fn start_native() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -106,7 +107,8 @@ async fn start_native() -> u16 {
         let status = match wasm_pc::dapr::codec::decode_delivery(headers, &body)
             .ok()
             .and_then(|d| guest_orders::Order::parse(&d.body).ok())
-            .and_then(|o| o.total_cents())
+            .and_then(|o| o.total_cents().map(|total| (o, total)))
+            .filter(|(o, total)| native_rules(o, *total))
         {
             Some(_) => StatusCode::OK,
             None => StatusCode::INTERNAL_SERVER_ERROR,
@@ -160,4 +162,16 @@ async fn load(port: u16, body: &Bytes, requests: usize) -> Run {
     let elapsed = started.elapsed();
     let (p50, p99) = common::percentiles(&mut all);
     Run { rps: requests as f64 / elapsed.as_secs_f64(), p50, p99 }
+}
+
+/// The guest's business rules with the bench's (empty) config, looked up the
+/// way the guest does: by key, per request.
+fn native_rules(order: &guest_orders::Order, total: u64) -> bool {
+    let config: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let limit = config.get("max-order-cents").and_then(|v| v.parse::<u64>().ok());
+    if limit.is_some_and(|l| total > l) {
+        return false;
+    }
+    let flaky = config.get("transient-sku");
+    !order.items.iter().any(|i| Some(&i.sku) == flaky) && !config.contains_key("forward-binding")
 }
