@@ -105,13 +105,14 @@ impl PoolOptions {
     }
 }
 
-/// Converts a received record into the guest's message.
-pub fn to_message(received: &Received) -> Message {
+/// Converts a received record into the guest's message (moving the body,
+/// not copying it).
+pub fn to_message(received: Received) -> Message {
     Message {
-        id: received.id.clone(),
-        body: received.body.clone(),
-        content_type: received.content_type.clone(),
-        metadata: received.metadata.clone(),
+        id: received.id,
+        body: received.body,
+        content_type: received.content_type,
+        metadata: received.metadata,
         delivery_count: Some(received.delivery_count),
     }
 }
@@ -222,18 +223,19 @@ async fn deliver(
     options: &PoolOptions,
     received: Received,
 ) {
-    let message = to_message(&received);
+    let (lock, attempt) = (received.lock, received.delivery_count);
+    let message = to_message(received);
     let delivery = dispatcher.deliver(&message).await;
     let how = match &delivery.settlement {
         Settlement::Complete => Settle::Complete,
         Settlement::Abandon { reason } => {
-            Settle::Abandon { delay: options.backoff_for(received.delivery_count), reason: reason.clone() }
+            Settle::Abandon { delay: options.backoff_for(attempt), reason: reason.clone() }
         }
         Settlement::DeadLetter { reason } => {
             Settle::DeadLetter { reason: "RejectedByConsumer".into(), description: reason.clone() }
         }
     };
-    match queue.settle(received.lock, how).await {
+    match queue.settle(lock, how).await {
         Ok(settled) => {
             let effective = match settled {
                 crate::queue::Settled::Completed => Settlement::Complete,
@@ -246,10 +248,10 @@ async fn deliver(
             match &effective {
                 Settlement::Complete => {}
                 Settlement::Abandon { reason } => {
-                    tracing::debug!(id = %received.id, delivery = received.delivery_count, %reason, "message abandoned for retry");
+                    tracing::debug!(id = %message.id, delivery = attempt, %reason, "message abandoned for retry");
                 }
                 Settlement::DeadLetter { reason } => {
-                    tracing::warn!(id = %received.id, delivery = received.delivery_count, %reason, "message dead-lettered");
+                    tracing::warn!(id = %message.id, delivery = attempt, %reason, "message dead-lettered");
                 }
             }
             metrics.record(&effective, delivery.failure.as_ref());
@@ -259,7 +261,7 @@ async fn deliver(
             tracing::warn!(%id, "lock lost before settling; the message will be redelivered");
         }
         Err(error) => {
-            tracing::error!(id = %received.id, %error, "cannot settle; the message will be redelivered after its lock expires")
+            tracing::error!(id = %message.id, %error, "cannot settle; the message will be redelivered after its lock expires")
         }
     }
 }

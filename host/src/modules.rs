@@ -31,7 +31,12 @@ impl ModuleSource {
     /// file beside it (a ConfigMap key, say) names the version, over the
     /// configured one, so a swapped module reports its own version.
     pub fn read(&self) -> std::io::Result<ModuleSpec> {
-        let bytes = std::fs::read(&self.path)?;
+        Ok(self.spec(std::fs::read(&self.path)?))
+    }
+
+    /// The spec for `bytes` already read from this source's path, so a caller
+    /// that hashed them loads exactly what it hashed.
+    pub fn spec(&self, bytes: Vec<u8>) -> ModuleSpec {
         let name =
             self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| self.world.to_string());
         let version = std::fs::read_to_string(self.path.with_extension("version"))
@@ -39,7 +44,7 @@ impl ModuleSource {
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty() && v.len() <= 64)
             .or_else(|| self.version.clone());
-        Ok(ModuleSpec { name, bytes, version, config: self.config.clone() })
+        ModuleSpec { name, bytes, version, config: self.config.clone() }
     }
 }
 

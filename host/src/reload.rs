@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use crate::dispatch::Slot;
 use crate::metrics::Metrics;
 use crate::modules::ModuleSource;
-use crate::runtime::{ConsumerModule, LoadError, ModuleInfo, ProducerModule, Runtime, World};
+use crate::runtime::{ConsumerModule, LoadError, ModuleInfo, ProducerModule, Runtime, World, content_hash};
 
 /// Wait this long after the last file event before re-reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -55,9 +55,8 @@ impl Target {
     }
 
     /// Compiles and checks `bytes`; swaps it in only if it loads.
-    fn load_and_swap(&self, runtime: &Runtime) -> Result<Arc<ModuleInfo>, String> {
-        let source = self.source();
-        let spec = source.read().map_err(|e| format!("cannot read {}: {e}", source.path.display()))?;
+    fn load_and_swap(&self, runtime: &Runtime, bytes: Vec<u8>) -> Result<Arc<ModuleInfo>, String> {
+        let spec = self.source().spec(bytes);
         let swap_err = |e: LoadError| e.to_string();
         match self {
             Target::Consumer(_, slot) => {
@@ -195,14 +194,14 @@ impl Reloader {
                     continue;
                 }
             };
-            let hash: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes)).into();
+            let hash = content_hash(&bytes);
             if hash == self.seen[i] {
                 continue;
             }
             self.seen[i] = hash;
             let started = Instant::now();
             let (runtime, target) = (Arc::clone(&self.runtime), self.targets[i].clone());
-            let outcome = tokio::task::spawn_blocking(move || target.load_and_swap(&runtime))
+            let outcome = tokio::task::spawn_blocking(move || target.load_and_swap(&runtime, bytes))
                 .await
                 .unwrap_or_else(|e| Err(format!("loader task failed: {e}")));
             let Ok(mut status) = self.status.0.lock() else { continue };

@@ -26,7 +26,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 pub use bindings::types::{ConsumeError, Message, Request, Response};
 pub use cache::{ArtifactCache, CacheStatus};
 pub use limits::{LimitExceeded, Limits, Resource};
-pub use module::{LoadError, LoadErrorKind, ModuleInfo, ModuleSpec, World};
+pub use module::{LoadError, LoadErrorKind, ModuleInfo, ModuleSpec, World, content_hash};
 pub use state::HostState;
 
 use bindings::{ConsumerPre, ProducerPre};

@@ -115,7 +115,8 @@ pub(super) fn label(name: &str, version: Option<&str>, hash: &[u8; 32]) -> Strin
     }
 }
 
-pub(super) fn content_hash(bytes: &[u8]) -> [u8; 32] {
+/// SHA-256 of a module's bytes: its identity for the cache, labels and reloads.
+pub fn content_hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 

@@ -205,6 +205,11 @@ fn collect(
     seen
 }
 
+/// The AMQP message id of a message taken off a queue.
+fn message_id_of(m: &serde_json::Value) -> String {
+    m["properties"]["message_id"].as_str().unwrap_or_default().to_string()
+}
+
 /// The order id of a forwarded summary.
 fn order_of(m: &serde_json::Value) -> String {
     serde_json::from_slice::<serde_json::Value>(&payload(m)).unwrap()["order"].as_str().unwrap().to_string()
@@ -306,9 +311,7 @@ fn real_daprd_and_rabbitmq_end_to_end() {
         199.0 / elapsed.as_secs_f64()
     );
 
-    let poison = collect(&rabbit, "poison", 1, Duration::from_secs(30), |m| {
-        m["properties"]["message_id"].as_str().unwrap_or_default().to_string()
-    });
+    let poison = collect(&rabbit, "poison", 1, Duration::from_secs(30), message_id_of);
     let dead = poison.values().next().unwrap()[0].clone();
     assert!(dead["properties"]["headers"]["deadletter-reason"].as_str().unwrap().contains("credit limit"), "{dead}");
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&payload(&dead)).unwrap(), expected["o-0-1"]);
@@ -317,9 +320,7 @@ fn real_daprd_and_rabbitmq_end_to_end() {
     let binary: Vec<u8> = (0..=255u8).rev().chain([0, b'"', b'\\', b'+', b'%']).collect();
     let (status, body) = post(&producer, "application/octet-stream", &binary);
     assert_eq!(status, 202, "{body}");
-    let raw = collect(&rabbit, "done", 1, Duration::from_secs(30), |m| {
-        m["properties"]["message_id"].as_str().unwrap_or_default().to_string()
-    });
+    let raw = collect(&rabbit, "done", 1, Duration::from_secs(30), message_id_of);
     let m = raw.values().next().unwrap()[0].clone();
     assert_eq!(m["properties"]["headers"]["wasmpc-encoding"], "base64");
     let text: String = serde_json::from_slice(&payload(&m)).unwrap();
