@@ -14,7 +14,7 @@
 
 use exports::wasm_pc::app::consume::{ConsumeError, Guest, Message};
 use guest_orders::Order;
-use wasm_pc::app::log::{Level, log};
+use wasm_pc::app::log::{Level, enabled, log};
 use wasm_pc::app::types::OutboundMessage;
 use wasm_pc::app::{config, outbound};
 
@@ -51,15 +51,17 @@ impl Guest for Consumer {
             }
         }
 
-        log(
-            Level::Debug,
-            "order accepted",
-            &[
-                ("order".to_string(), order.id.clone()),
-                ("customer".to_string(), order.customer.clone()),
-                ("total_cents".to_string(), total.to_string()),
-            ],
-        );
+        if enabled(Level::Debug) {
+            log(
+                Level::Debug,
+                "order accepted",
+                &[
+                    ("order".to_string(), order.id.clone()),
+                    ("customer".to_string(), order.customer.clone()),
+                    ("total_cents".to_string(), total.to_string()),
+                ],
+            );
+        }
         forward(&order.id, Some("application/json".to_string()), || {
             let summary = serde_json::json!({
                 "order": order.id,

@@ -1,11 +1,13 @@
 //! Instantiate + call cost of one invocation: a fresh store and instance from
-//! the pooling allocator and `InstancePre`, the way every message is handled.
+//! the pooling allocator and `InstancePre`, the way every message is handled
+//! by default; then the same calls with instance reuse (`--instance-reuse`).
 //!
 //! `cargo bench -p wasm-pc --bench invoke`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,37 +17,43 @@ use wasm_pc::runtime::{Message, ModuleSpec, Runtime, RuntimeOptions};
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let runtime = Runtime::new(RuntimeOptions::default()).unwrap();
-        let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
-        for (file, body) in [
-            ("faulty.wasm", &b"ok"[..]),
-            ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..]),
-        ] {
-            let module = runtime.load_consumer(ModuleSpec::new(file, common::module(file))).unwrap();
-            let message = Message {
-                id: "m".into(),
-                body: body.to_vec(),
-                content_type: None,
-                metadata: vec![],
-                delivery_count: Some(1),
-            };
-            for _ in 0..2_000 {
-                runtime.consume(&module, &message, out.clone()).await.unwrap().unwrap();
-            }
-            let mut samples = Vec::with_capacity(20_000);
-            for _ in 0..20_000 {
-                let started = Instant::now();
-                runtime.consume(&module, &message, out.clone()).await.unwrap().unwrap();
-                samples.push(started.elapsed());
-            }
-            let (p50, p99) = common::percentiles(&mut samples);
-            let total: Duration = samples.iter().sum();
-            println!(
-                "invoke {file:<14} n=20000 p50={:.1}us p99={:.1}us mean={:.1}us",
-                p50.as_secs_f64() * 1e6,
-                p99.as_secs_f64() * 1e6,
-                total.as_secs_f64() * 1e6 / samples.len() as f64
-            );
+        for reuse in [1, 100] {
+            measure(NonZeroU32::new(reuse).unwrap()).await;
         }
     });
+}
+
+async fn measure(instance_reuse: NonZeroU32) {
+    let runtime = Runtime::new(RuntimeOptions { instance_reuse, ..RuntimeOptions::default() }).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    for (file, body) in [
+        ("faulty.wasm", &b"ok"[..]),
+        ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..]),
+    ] {
+        let module = runtime.load_consumer(ModuleSpec::new(file, common::module(file))).unwrap();
+        let message = Message {
+            id: "m".into(),
+            body: body.to_vec(),
+            content_type: None,
+            metadata: vec![],
+            delivery_count: Some(1),
+        };
+        for _ in 0..2_000 {
+            runtime.consume(&module, &message, out.clone()).await.unwrap().unwrap();
+        }
+        let mut samples = Vec::with_capacity(20_000);
+        for _ in 0..20_000 {
+            let started = Instant::now();
+            runtime.consume(&module, &message, out.clone()).await.unwrap().unwrap();
+            samples.push(started.elapsed());
+        }
+        let (p50, p99) = common::percentiles(&mut samples);
+        let total: Duration = samples.iter().sum();
+        println!(
+            "invoke {file:<14} reuse={instance_reuse:<3} n=20000 p50={:.1}us p99={:.1}us mean={:.1}us",
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6,
+            total.as_secs_f64() * 1e6 / samples.len() as f64
+        );
+    }
 }

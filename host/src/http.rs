@@ -24,7 +24,16 @@ pub type Body = Full<Bytes>;
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    json_bytes(status, Bytes::from(value.to_string()))
+}
+
+/// `{}` with `status`: the answer daprd needs, without building a value.
+pub fn empty_json(status: StatusCode) -> Response<Body> {
+    json_bytes(status, Bytes::from_static(b"{}"))
+}
+
+fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
         .headers_mut()

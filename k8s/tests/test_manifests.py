@@ -124,6 +124,25 @@ def test_keda_objects_have_required_fields_and_enums(docs):
         assert "secretTargetRef" in spec or "podIdentity" in spec
 
 
+def host_env_names():
+    """Every environment variable the host binary reads (its clap `env =`
+    names and the Dapr ones it reads directly)."""
+    names = set()
+    for source in (ROOT / "host" / "src").rglob("*.rs"):
+        text = source.read_text()
+        names |= set(re.findall(r'env = "([A-Z0-9_]+)"', text))
+        names |= set(re.findall(r'env::var(?:_os)?\("([A-Z0-9_]+)"\)', text))
+    return names
+
+
+def test_every_env_var_set_for_the_host_is_one_it_reads(docs):
+    known = host_env_names()
+    assert {"WASM_PC_INSTANCE_REUSE", "DAPR_HTTP_PORT", "APP_API_TOKEN"} <= known, "the source scan broke"
+    for d in by_kind(docs, "Deployment"):
+        unknown = set(env(host(d))) - known
+        assert not unknown, f"{d['metadata']['name']} sets {sorted(unknown)}, which the host never reads (a typo?)"
+
+
 def test_scaled_object_targets_the_consumer_and_matches_its_concurrency(docs):
     so = one(docs, "ScaledObject", "wasm-pc-consumer")
     consumer = one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])

@@ -7,10 +7,14 @@
 //! (retries with the config value as its reason, so tests can read it),
 //! `sleep:<ms>` (waits on the monotonic clock, then succeeds), `whoami`
 //! (retries with this build's flavor as the reason), `tag` (sends
-//! `<flavor> <id>` to the `tags` binding, then succeeds).
+//! `<flavor> <id>` to the `tags` binding, then succeeds), `count` (retries
+//! with how many calls this instance has served, so tests see reuse),
+//! `levels` (retries with the log levels the host has enabled).
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use exports::wasm_pc::app::consume::{ConsumeError, Guest, Message};
-use wasm_pc::app::log::{Level, log};
+use wasm_pc::app::log::{Level, enabled, log};
 use wasm_pc::app::types::OutboundMessage;
 use wasm_pc::app::{config, outbound};
 
@@ -21,11 +25,28 @@ struct Misbehaving;
 /// Which build this is; see the `flavor-b` feature.
 const FLAVOR: &str = if cfg!(feature = "flavor-b") { "flavor-b" } else { "flavor-a" };
 
+/// Calls this instance has served: state that survives only if the host
+/// reuses the instance.
+static CALLS: AtomicU32 = AtomicU32::new(0);
+
 impl Guest for Misbehaving {
     fn handle(message: Message) -> Result<(), ConsumeError> {
+        let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
         let command = String::from_utf8_lossy(&message.body).into_owned();
         match command.as_str() {
             "ok" => Ok(()),
+            "count" => Err(ConsumeError::Retry(format!("calls={calls}"))),
+            "levels" => {
+                let levels = [
+                    (Level::Trace, "trace"),
+                    (Level::Debug, "debug"),
+                    (Level::Info, "info"),
+                    (Level::Warn, "warn"),
+                    (Level::Error, "error"),
+                ];
+                let on: Vec<&str> = levels.into_iter().filter(|(l, _)| enabled(*l)).map(|(_, n)| n).collect();
+                Err(ConsumeError::Retry(on.join(",")))
+            }
             "whoami" => Err(ConsumeError::Retry(FLAVOR.into())),
             "tag" => {
                 let out = OutboundMessage {

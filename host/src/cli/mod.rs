@@ -8,6 +8,7 @@ mod queue;
 mod serve;
 mod tools;
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -95,6 +96,12 @@ struct RuntimeArgs {
     /// Directory for precompiled modules; restarts skip compilation.
     #[arg(long, env = "WASM_PC_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Messages one instance may serve in sequence. 1 gives every message a
+    /// fresh instance; more skips instantiation but lets a guest's globals
+    /// and heap carry over between messages (an instance that fails is
+    /// always dropped).
+    #[arg(long, env = "WASM_PC_INSTANCE_REUSE", default_value = "1")]
+    instance_reuse: NonZeroU32,
 }
 
 impl RuntimeArgs {
@@ -107,6 +114,7 @@ impl RuntimeArgs {
                 ..Limits::default()
             },
             cache_dir: self.cache_dir.clone(),
+            instance_reuse: self.instance_reuse,
             ..RuntimeOptions::default()
         }
     }

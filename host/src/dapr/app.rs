@@ -14,14 +14,14 @@
 //! With `APP_API_TOKEN` set, the probe and deliveries must carry a matching
 //! `dapr-api-token` (compared in constant time), or get 401.
 
-use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::Semaphore;
 
+use super::attempts::Attempts;
 use super::client::{DaprOutbound, TRACEPARENT};
 use super::codec;
 use crate::dispatch::{Dispatcher, Settlement};
@@ -46,7 +46,8 @@ pub struct AppOptions {
     pub max_body_bytes: usize,
     /// Output binding that receives rejected (poison) messages, if any.
     pub dead_letter_binding: Option<String>,
-    /// Message ids whose delivery attempts are remembered.
+    /// Message ids whose failed deliveries are remembered (for the
+    /// delivery-count estimate).
     pub attempt_memory: usize,
 }
 
@@ -100,21 +101,21 @@ impl App {
 
     /// Routes one request.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let path = request.uri().path().to_string();
-        if self.options.input_route.as_deref() == Some(path.as_str()) {
+        let path = request.uri().path();
+        if self.options.input_route.as_deref() == Some(path) {
             return match *request.method() {
                 Method::OPTIONS if self.authorized(&request) => {
                     if self.probes.fetch_add(1, Ordering::Relaxed) == 0 {
                         tracing::info!(route = %path, "daprd probed the input binding route: subscribed");
                     }
-                    http::json(StatusCode::OK, &serde_json::json!({}))
+                    http::empty_json(StatusCode::OK)
                 }
                 Method::OPTIONS => unauthorized(),
                 Method::POST => self.deliver(request).await,
                 _ => http::error(StatusCode::METHOD_NOT_ALLOWED, "the binding route takes OPTIONS and POST"),
             };
         }
-        if self.options.produce_route.as_deref() == Some(path.as_str()) {
+        if self.options.produce_route.as_deref() == Some(path) {
             if request.method() != Method::POST {
                 return http::error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
             }
@@ -123,7 +124,7 @@ impl App {
                 (Arc::clone(&self.dispatcher), Arc::clone(&self.metrics), self.options.max_body_bytes);
             return TRACEPARENT.scope(traceparent, http::produce(dispatcher, metrics, request, limit)).await;
         }
-        match (request.method(), path.as_str()) {
+        match (request.method(), path) {
             (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readiness(),
             (&Method::GET, "/metrics") => http::text(StatusCode::OK, self.render_metrics()),
@@ -162,7 +163,7 @@ impl App {
         };
         let in_flight = self.metrics.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak_in_flight.fetch_max(in_flight, Ordering::Relaxed);
-        let attempt = self.attempts.next(&decoded.id);
+        let attempt = self.attempts.estimate(&decoded.id);
         let message = Message {
             id: decoded.id,
             body: decoded.body,
@@ -173,19 +174,24 @@ impl App {
         let traceparent = message.metadata.iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v.clone());
         let delivery = TRACEPARENT.scope(traceparent, self.dispatcher.deliver(&message)).await;
         self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match delivery.settlement {
+        let response = match delivery.settlement {
             Settlement::Complete => {
-                self.attempts.forget(&message.id);
                 self.metrics.record(&Settlement::Complete, None);
                 // Exactly 200: under a Dapr retry policy any other 2xx is a failure.
-                http::json(StatusCode::OK, &serde_json::json!({}))
+                http::empty_json(StatusCode::OK)
             }
             Settlement::Abandon { reason } => {
                 self.metrics.record(&Settlement::Abandon { reason: reason.clone() }, delivery.failure.as_ref());
                 http::json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": reason, "outcome": "retry"}))
             }
             Settlement::DeadLetter { reason } => self.reject(&message, reason).await,
+        };
+        if response.status() != StatusCode::OK {
+            self.attempts.failed(&message.id);
+        } else if attempt > 1 {
+            self.attempts.forget(&message.id);
         }
+        response
     }
 
     /// A poison message: to the dead-letter binding if there is one (then
@@ -213,7 +219,6 @@ impl App {
         };
         match self.outbound.send(binding, copy).await {
             Ok(_) => {
-                self.attempts.forget(&message.id);
                 self.metrics.record(&Settlement::DeadLetter { reason: reason.clone() }, None);
                 tracing::warn!(id = %message.id, %binding, %reason, "poison message sent to the dead-letter binding");
                 http::json(StatusCode::OK, &serde_json::json!({"outcome": "dead-lettered"}))
@@ -279,61 +284,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// Per-process delivery attempts by message id: the Service Bus binding does
-/// not send DeliveryCount, so this is the guest's estimate. Bounded: the
-/// oldest ids are forgotten first. Another replica's attempts are unknown,
-/// so the estimate is a lower bound.
-struct Attempts {
-    capacity: usize,
-    inner: Mutex<(HashMap<String, u32>, VecDeque<String>)>,
-}
-
-impl Attempts {
-    fn new(capacity: usize) -> Self {
-        Attempts { capacity: capacity.max(1), inner: Mutex::new((HashMap::new(), VecDeque::new())) }
-    }
-
-    fn next(&self, id: &str) -> u32 {
-        let Ok(mut guard) = self.inner.lock() else {
-            return 1;
-        };
-        let (counts, order) = &mut *guard;
-        if let Some(n) = counts.get_mut(id) {
-            *n += 1;
-            return *n;
-        }
-        if counts.len() >= self.capacity
-            && let Some(oldest) = order.pop_front()
-        {
-            counts.remove(&oldest);
-        }
-        counts.insert(id.to_string(), 1);
-        order.push_back(id.to_string());
-        1
-    }
-
-    fn forget(&self, id: &str) {
-        if let Ok(mut guard) = self.inner.lock() {
-            guard.0.remove(id);
-            // The id stays in `order` until it ages out; removing it from the
-            // deque would cost a scan, and a stale entry there is harmless.
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn attempts_count_up_and_are_bounded() {
-        let a = Attempts::new(2);
-        assert_eq!((a.next("x"), a.next("x"), a.next("y")), (1, 2, 1));
-        a.next("z"); // evicts x, the oldest
-        assert_eq!(a.next("x"), 1);
-        a.forget("y");
-        assert_eq!(a.next("y"), 1);
-    }
 
     #[test]
     fn tokens_compare_exactly() {

@@ -5,8 +5,10 @@
 //!   health) plus the producer route.
 //! - [`client`]: what the host calls on daprd (output bindings, readiness).
 //! - [`codec`]: how bodies and metadata survive the trip.
+//! - `attempts`: the delivery-count estimate daprd cannot give.
 
 pub mod app;
+mod attempts;
 pub mod client;
 pub mod codec;
 

@@ -31,7 +31,9 @@ pub use consumer_world::wasm_pc::app::{config, log, outbound, types};
 pub use consumer_world::{Consumer, ConsumerPre};
 pub use producer_world::{Producer, ProducerPre};
 
-/// The fully qualified name of the interface each world exports.
-pub const CONSUME_EXPORT: &str = "wasm-pc:app/consume@0.1.0";
+/// The fully qualified name of the interface each world exports. Guests
+/// built against an older 0.1.x WIT export an older version of it; lookups
+/// go by semver compatibility, as wasmtime's do.
+pub const CONSUME_EXPORT: &str = "wasm-pc:app/consume@0.1.1";
 /// See [`CONSUME_EXPORT`].
-pub const PRODUCE_EXPORT: &str = "wasm-pc:app/produce@0.1.0";
+pub const PRODUCE_EXPORT: &str = "wasm-pc:app/produce@0.1.1";

@@ -3,7 +3,8 @@
 //!
 //! Every invocation gets a fresh `Store` and instance from a pre-linked
 //! `InstancePre`, so no state leaks between messages; the pooling allocator
-//! keeps that cheap. Wall time is bounded by epoch interruption (a ticker
+//! keeps that cheap. A deployment may opt into reusing instances that
+//! returned normally (see [`warm`]). Wall time is bounded by epoch interruption (a ticker
 //! thread bumps the epoch; the store yields to tokio each tick and traps at its
 //! deadline), memory and tables by a store limiter. Every failure comes back as
 //! an [`InvokeError`] whose [`FailureKind`] the caller maps to retry, reject or
@@ -15,7 +16,9 @@ pub mod limits;
 mod module;
 mod state;
 mod stdio;
+mod warm;
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +34,8 @@ pub use state::HostState;
 
 use bindings::{ConsumerPre, ProducerPre};
 use state::GuestContext;
+pub use warm::Linked;
+use warm::{IdleList, Lease, Registry, Warm};
 
 use crate::outbound::Outbound;
 
@@ -49,19 +54,42 @@ pub struct RuntimeOptions {
     pub cache_dir: Option<PathBuf>,
     /// Largest module file accepted, in bytes.
     pub max_module_bytes: usize,
+    /// Invocations one instance may serve in sequence; 1 (the default) gives
+    /// every invocation a fresh instance.
+    pub instance_reuse: NonZeroU32,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        RuntimeOptions { limits: Limits::default(), cache_dir: None, max_module_bytes: 4 << 20 }
+        RuntimeOptions {
+            limits: Limits::default(),
+            cache_dir: None,
+            max_module_bytes: 4 << 20,
+            instance_reuse: NonZeroU32::MIN,
+        }
     }
 }
 
 /// A loaded, linked module of one world, ready to instantiate.
-#[derive(Clone)]
-pub struct Module<P> {
+pub struct Module<P: Linked> {
     pub info: Arc<ModuleInfo>,
     pre: P,
+    /// Idle instances of this version; shared by clones, dropped with the last.
+    warm: Arc<Warm<P::Instance>>,
+}
+
+// By hand: a derive would ask for `P::Instance: Clone`, which no instance is.
+impl<P: Linked> Clone for Module<P> {
+    fn clone(&self) -> Self {
+        Module { info: Arc::clone(&self.info), pre: self.pre.clone(), warm: Arc::clone(&self.warm) }
+    }
+}
+
+impl<P: Linked> Module<P> {
+    /// Instances kept idle for reuse now.
+    pub fn idle_instances(&self) -> usize {
+        self.warm.idle()
+    }
 }
 
 /// A module checked against the consumer world.
@@ -91,6 +119,9 @@ pub struct Runtime {
     limits: Limits,
     cache: Option<ArtifactCache>,
     max_module_bytes: usize,
+    instance_reuse: NonZeroU32,
+    /// Every module's idle instances, freed when the pool runs out of slots.
+    warm: Registry,
 }
 
 impl Runtime {
@@ -147,7 +178,15 @@ impl Runtime {
         };
 
         spawn_epoch_ticker(&engine);
-        Ok(Runtime { engine, linker, limits, cache, max_module_bytes: options.max_module_bytes })
+        Ok(Runtime {
+            engine,
+            linker,
+            limits,
+            cache,
+            max_module_bytes: options.max_module_bytes,
+            instance_reuse: options.instance_reuse,
+            warm: Registry::default(),
+        })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -162,14 +201,14 @@ impl Runtime {
     pub fn load_consumer(&self, spec: ModuleSpec) -> Result<ConsumerModule, LoadError> {
         let (info, component) = self.compile(spec, World::Consumer)?;
         let pre = self.link(&info.name, &component, ConsumerPre::new)?;
-        Ok(Module { info, pre })
+        Ok(self.module(info, pre))
     }
 
     /// Loads a producer; refuses anything that is not one, saying why.
     pub fn load_producer(&self, spec: ModuleSpec) -> Result<ProducerModule, LoadError> {
         let (info, component) = self.compile(spec, World::Producer)?;
         let pre = self.link(&info.name, &component, ProducerPre::new)?;
-        Ok(Module { info, pre })
+        Ok(self.module(info, pre))
     }
 
     /// Loads a module for `world`; the verdict `wasm-pc check` gives.
@@ -225,6 +264,13 @@ impl Runtime {
         Ok((component, status))
     }
 
+    fn module<P: Linked>(&self, info: Arc<ModuleInfo>, pre: P) -> Module<P> {
+        let warm = Arc::new(Warm::new(self.instance_reuse));
+        let list: Arc<dyn IdleList> = warm.clone();
+        self.warm.add(Arc::downgrade(&list));
+        Module { info, pre, warm }
+    }
+
     fn link<P>(
         &self,
         name: &str,
@@ -237,15 +283,28 @@ impl Runtime {
         wrap(pre).map_err(fail)
     }
 
-    fn new_store(&self, info: &ModuleInfo, outbound: Arc<dyn Outbound>) -> Store<HostState> {
-        let mut store = Store::new(&self.engine, HostState::new(Arc::clone(&info.guest), outbound, self.limits));
-        store.limiter(|s| &mut s.limiter);
+    /// A store for one invocation: an idle instance of `module` if reuse
+    /// allows, else a fresh store. Its deadline starts now.
+    fn lease<P: Linked>(&self, module: &Module<P>, outbound: Arc<dyn Outbound>) -> Lease<P::Instance> {
         let deadline = Instant::now() + self.limits.timeout;
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-        });
-        store.set_epoch_deadline(1);
-        store
+        let mut lease = match module.warm.take() {
+            Some(mut lease) => {
+                lease.store.data_mut().begin(outbound, deadline);
+                lease
+            }
+            None => {
+                let state = HostState::new(Arc::clone(&module.info.guest), outbound, self.limits, deadline);
+                let mut store = Store::new(&self.engine, state);
+                store.limiter(|s| &mut s.limiter);
+                store.epoch_deadline_callback(|store| {
+                    let expired = Instant::now() >= store.data().deadline();
+                    Ok(if expired { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+                });
+                Lease::fresh(store)
+            }
+        };
+        lease.store.set_epoch_deadline(1);
+        lease
     }
 
     /// Hands one message to a consumer. The outer `Result` is the host's
@@ -256,14 +315,13 @@ impl Runtime {
         message: &Message,
         outbound: Arc<dyn Outbound>,
     ) -> Result<Result<(), ConsumeError>, InvokeError> {
-        let mut store = self.new_store(&module.info, outbound);
+        let mut lease = self.lease(module, outbound);
         let call = async {
-            let instance = module.pre.instantiate_async(&mut store).await.map_err(Phase::Instantiate)?;
-            instance.wasm_pc_app_consume().call_handle(&mut store, message).await.map_err(Phase::Call)
+            let (store, instance) = lease.ready(&module.pre).await.map_err(Phase::Instantiate)?;
+            instance.wasm_pc_app_consume().call_handle(store, message).await.map_err(Phase::Call)
         };
         let result = tokio::time::timeout(self.limits.timeout + TIMER_SLACK, call).await;
-        store.data().flush_output();
-        self.settle(&module.info, "handle", result)
+        self.finish(module, lease, result)
     }
 
     /// Hands one request to a producer; its sends go to `outbound`.
@@ -273,14 +331,39 @@ impl Runtime {
         request: &Request,
         outbound: Arc<dyn Outbound>,
     ) -> Result<Response, InvokeError> {
-        let mut store = self.new_store(&module.info, outbound);
+        let mut lease = self.lease(module, outbound);
         let call = async {
-            let instance = module.pre.instantiate_async(&mut store).await.map_err(Phase::Instantiate)?;
-            instance.wasm_pc_app_produce().call_handle(&mut store, request).await.map_err(Phase::Call)
+            let (store, instance) = lease.ready(&module.pre).await.map_err(Phase::Instantiate)?;
+            instance.wasm_pc_app_produce().call_handle(store, request).await.map_err(Phase::Call)
         };
         let result = tokio::time::timeout(self.limits.timeout + TIMER_SLACK, call).await;
-        store.data().flush_output();
-        self.settle(&module.info, "handle", result)
+        self.finish(module, lease, result)
+    }
+
+    /// Flushes the guest's output, keeps the instance if it returned
+    /// normally, and turns the outcome into the caller's terms.
+    fn finish<P: Linked, R>(
+        &self,
+        module: &Module<P>,
+        lease: Lease<P::Instance>,
+        result: Result<Result<R, Phase>, tokio::time::error::Elapsed>,
+    ) -> Result<R, InvokeError> {
+        lease.store.data().flush_output();
+        let reused = lease.reused();
+        if matches!(result, Ok(Ok(_))) {
+            module.warm.give_back(lease);
+        }
+        let outcome = self.settle(&module.info, "handle", result);
+        if let Err(InvokeError { kind: FailureKind::ResourceLimit { resource: Resource::Pool, .. }, .. }) = &outcome {
+            // Idle instances hold slots; give them up so the redelivery fits.
+            let freed = self.warm.clear_all();
+            if freed > 0 {
+                tracing::info!(freed, "pool full: dropped idle instances");
+            }
+        } else if reused && outcome.is_err() {
+            tracing::debug!(module = %module.info.label(), "a reused instance failed; it is dropped");
+        }
+        outcome
     }
 
     fn settle<R>(

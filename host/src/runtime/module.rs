@@ -176,15 +176,17 @@ pub(super) fn check_exports(
     component: &wasmtime::component::Component,
     world: World,
 ) -> Result<(), LoadErrorKind> {
-    let ty = component.component_type();
-    let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
-    if exports.contains(&world.export()) {
+    // By name with semver matching: a guest built against `@0.1.0` exports
+    // `consume@0.1.0`, which serves where `consume@0.1.1` is asked for.
+    if component.get_export_index(None, world.export()).is_some() {
         return Ok(());
     }
     let other = world.other();
-    if exports.contains(&other.export()) {
+    if component.get_export_index(None, other.export()).is_some() {
         return Err(LoadErrorKind::WrongWorld { expected: world, found: other, export: other.export() });
     }
+    let ty = component.component_type();
+    let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
     let exports = if exports.is_empty() { "none".to_string() } else { exports.join(", ") };
     Err(LoadErrorKind::MissingExport { world, missing: world.export(), exports })
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -36,12 +37,14 @@ pub struct HostState {
     pub(super) stdout: Captured,
     pub(super) stderr: Captured,
     log_lines: u32,
+    /// When the current invocation must end.
+    deadline: Instant,
 }
 
 impl HostState {
     /// A fresh state with WASI granting nothing: no files, env, args or
     /// sockets; stdout/stderr captured; random and clocks as WASI gives them.
-    pub fn new(guest: Arc<GuestContext>, outbound: Arc<dyn Outbound>, limits: Limits) -> Self {
+    pub fn new(guest: Arc<GuestContext>, outbound: Arc<dyn Outbound>, limits: Limits, deadline: Instant) -> Self {
         let stdout = Captured::default();
         let stderr = Captured::default();
         let wasi = WasiCtx::builder()
@@ -60,7 +63,21 @@ impl HostState {
             stdout,
             stderr,
             log_lines: 0,
+            deadline,
         }
+    }
+
+    /// Readies a reused store for its next invocation: its sends go to
+    /// `outbound`, its clock and log budget start again.
+    pub(super) fn begin(&mut self, outbound: Arc<dyn Outbound>, deadline: Instant) {
+        self.outbound = outbound;
+        self.deadline = deadline;
+        self.log_lines = 0;
+    }
+
+    /// When the current invocation must end.
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline
     }
 
     /// Writes the captured guest output to tracing.
@@ -112,6 +129,19 @@ impl log::Host for HostState {
             log::Level::Error => tracing::error!(target: "guest", module, %fields, "{message}"),
         }
         Ok(())
+    }
+
+    fn enabled(&mut self, level: log::Level) -> wasmtime::Result<bool> {
+        if self.log_lines >= MAX_LOG_LINES {
+            return Ok(false);
+        }
+        Ok(match level {
+            log::Level::Trace => tracing::enabled!(target: "guest", tracing::Level::TRACE),
+            log::Level::Debug => tracing::enabled!(target: "guest", tracing::Level::DEBUG),
+            log::Level::Info => tracing::enabled!(target: "guest", tracing::Level::INFO),
+            log::Level::Warn => tracing::enabled!(target: "guest", tracing::Level::WARN),
+            log::Level::Error => tracing::enabled!(target: "guest", tracing::Level::ERROR),
+        })
     }
 }
 

@@ -31,15 +31,19 @@ fn cargo_build(target_dir: &str, extra: &[&str]) -> Result<(), String> {
 }
 
 fn build() -> Result<PathBuf, String> {
-    cargo_build("target/guests", &["-p", "guest-consumer", "-p", "guest-producer", "-p", "test-guests"])?;
+    cargo_build(
+        "target/guests",
+        &["-p", "guest-consumer", "-p", "guest-producer", "-p", "test-guests", "-p", "compat-guest"],
+    )?;
     // The second flavor builds into its own target dir, so neither build
     // undoes the other.
     cargo_build("target/guests-b", &["-p", "test-guests", "--features", "flavor-b"])?;
     Ok(guest_dir())
 }
 
-/// The bytes of a guest component: `consumer`, `producer`, `faulty` or
-/// `faulty-b` (the same test guest built with the `flavor-b` feature).
+/// The bytes of a guest component: `consumer`, `producer`, `faulty`,
+/// `faulty-b` (the same test guest built with the `flavor-b` feature) or
+/// `compat` (a consumer built against the 0.1.0 WIT).
 pub fn bytes(which: &str) -> Vec<u8> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = match BUILT.get_or_init(build) {
@@ -50,6 +54,7 @@ pub fn bytes(which: &str) -> Vec<u8> {
         "consumer" => dir.join("guest_consumer.wasm"),
         "producer" => dir.join("guest_producer.wasm"),
         "faulty" => dir.join("test_guests.wasm"),
+        "compat" => dir.join("compat_guest.wasm"),
         "faulty-b" => workspace().join("target/guests-b/wasm32-wasip2/guest/test_guests.wasm"),
         other => panic!("no guest named {other}"),
     };

@@ -299,3 +299,102 @@ async fn guests_built_with_cargo_component_load_and_run() {
     let bad = rt.consume(&consumer, &message("m", b"nope"), out).await.unwrap();
     assert!(matches!(bad, Err(ConsumeError::Reject(_))));
 }
+
+fn retry_reason(outcome: Result<Result<(), ConsumeError>, wasm_pc::runtime::InvokeError>) -> String {
+    match outcome {
+        Ok(Err(ConsumeError::Retry(reason))) => reason,
+        other => panic!("expected a retry, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_message_gets_a_fresh_instance_by_default() {
+    let rt = runtime_with(small_limits());
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    for i in 0..4 {
+        let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), out.clone()).await;
+        assert_eq!(retry_reason(outcome), "calls=1", "call {i} saw state from an earlier message");
+    }
+    assert_eq!(module.idle_instances(), 0);
+}
+
+#[tokio::test]
+async fn reuse_serves_n_messages_per_instance_and_drops_failed_instances() {
+    let options = RuntimeOptions {
+        limits: small_limits(),
+        instance_reuse: std::num::NonZeroU32::new(3).unwrap(),
+        ..RuntimeOptions::default()
+    };
+    let rt = Runtime::new(options).unwrap();
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    let mut seen = Vec::new();
+    for i in 0..7 {
+        seen.push(retry_reason(rt.consume(&module, &message(&format!("m{i}"), b"count"), out.clone()).await));
+    }
+    assert_eq!(seen, ["calls=1", "calls=2", "calls=3", "calls=1", "calls=2", "calls=3", "calls=1"]);
+    assert_eq!(module.idle_instances(), 1, "the instance that served once is kept");
+
+    // A trap ends the instance: the next message starts afresh.
+    let trapped = rt.consume(&module, &message("t", b"trap"), out.clone()).await;
+    assert!(matches!(trapped, Err(ref e) if matches!(e.kind, FailureKind::Trap(_))), "{trapped:?}");
+    assert_eq!(module.idle_instances(), 0);
+    assert_eq!(retry_reason(rt.consume(&module, &message("a", b"count"), out.clone()).await), "calls=1");
+
+    // So does a timeout, and the reused store gets a fresh deadline each time.
+    assert_eq!(retry_reason(rt.consume(&module, &message("b", b"count"), out.clone()).await), "calls=2");
+    let spun = rt.consume(&module, &message("l", b"loop"), out.clone()).await;
+    assert!(matches!(spun, Err(ref e) if matches!(e.kind, FailureKind::Timeout(_))), "{spun:?}");
+    assert_eq!(retry_reason(rt.consume(&module, &message("c", b"count"), out.clone()).await), "calls=1");
+    tokio::time::sleep(small_limits().timeout + Duration::from_millis(50)).await;
+    assert_eq!(
+        retry_reason(rt.consume(&module, &message("d", b"count"), out.clone()).await),
+        "calls=2",
+        "an idle instance older than the time limit still gets a full deadline"
+    );
+}
+
+#[tokio::test]
+async fn idle_instances_give_up_their_slots_when_the_pool_is_full() {
+    let limits = Limits { max_concurrent: 1, ..small_limits() };
+    let options =
+        RuntimeOptions { limits, instance_reuse: std::num::NonZeroU32::new(100).unwrap(), ..RuntimeOptions::default() };
+    let rt = Runtime::new(options).unwrap();
+    let a = rt.load_consumer(ModuleSpec::new("a", guests::bytes("faulty"))).unwrap();
+    let b = rt.load_consumer(ModuleSpec::new("b", guests::bytes("faulty-b"))).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    assert_eq!(rt.consume(&a, &message("1", b"ok"), out.clone()).await.unwrap(), Ok(()));
+    assert_eq!(a.idle_instances(), 1, "a holds the only slot while idle");
+    let refused = rt.consume(&b, &message("2", b"ok"), out.clone()).await;
+    assert!(
+        matches!(refused, Err(ref e) if matches!(e.kind, FailureKind::ResourceLimit { resource: Resource::Pool, .. })),
+        "{refused:?}"
+    );
+    assert_eq!(a.idle_instances(), 0, "a full pool frees idle instances of every module");
+    assert_eq!(rt.consume(&b, &message("2", b"ok"), out.clone()).await.unwrap(), Ok(()), "the redelivery fits");
+}
+
+#[tokio::test]
+async fn guests_can_ask_which_log_levels_are_kept() {
+    let rt = runtime_with(small_limits());
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    let subscriber = tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(std::io::sink).finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let levels = retry_reason(rt.consume(&module, &message("m", b"levels"), out.clone()).await);
+    assert_eq!(levels, "info,warn,error");
+}
+
+#[tokio::test]
+async fn a_guest_built_against_the_0_1_0_wit_still_runs() {
+    let rt = runtime_with(small_limits());
+    let spec = ModuleSpec::new("compat", guests::bytes("compat")).with_config([("answer", "42")]);
+    let module = rt.load_consumer(spec).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    assert_eq!(rt.consume(&module, &message("m1", b"ok"), out.clone()).await.unwrap(), Ok(()));
+    assert_eq!(retry_reason(rt.consume(&module, &message("m2", b"other"), out.clone()).await), "42");
+    // And it is still told apart from a producer.
+    let wrong = rt.load_producer(ModuleSpec::new("compat", guests::bytes("compat"))).map(|_| ()).unwrap_err();
+    assert!(matches!(wrong.kind, LoadErrorKind::WrongWorld { .. }), "{wrong}");
+}
