@@ -414,3 +414,24 @@ async fn sigterm_finishes_in_flight_and_new_deliveries_and_loses_nothing() {
     assert_eq!(ok.len(), 60, "every delivery, old and new, finished: {deliveries:?}");
     assert!(broker.messages("orders").is_empty() && broker.dead_letters("orders").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_reuse_is_set_from_the_environment_and_zero_is_refused() {
+    let mut host = Host::start("consumer", 1, &["--consumer-file", "faulty.wasm"], &[("WASM_PC_INSTANCE_REUSE", "2")]);
+    let mut reasons = Vec::new();
+    for i in 0..4 {
+        let id = format!("m-{i}");
+        let headers = [("content-type", "application/json"), ("id", id.as_str())];
+        let (status, body) = request(host.port, "POST", "/orders", &headers, b"count".to_vec()).await;
+        assert_eq!(status, 500, "the guest asks for a retry");
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        reasons.push(body["error"].as_str().unwrap().rsplit(' ').next().unwrap().to_string());
+    }
+    assert_eq!(reasons, ["calls=1", "calls=2", "calls=1", "calls=2"], "each instance serves two messages");
+    assert_eq!(host.terminate().code(), Some(0));
+
+    let refused = command(&["serve", "--role", "consumer"]).env("WASM_PC_INSTANCE_REUSE", "0").output().unwrap();
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--instance-reuse"), "{stderr}");
+}
