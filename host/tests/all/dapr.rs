@@ -76,17 +76,9 @@ async fn every_reply_in_the_contract() {
         &[],
     );
     let mut host = app_port_host;
-    let sidecar = Sidecar::start(
-        Config {
-            input: Some(Input::new(host.port, "orders")),
-            outputs: vec![],
-            api_token: None,
-            app_token: None,
-            port: 0,
-        },
-        broker.clone(),
-    )
-    .await;
+    let sidecar =
+        Sidecar::start(Config { input: Some(Input::new(host.port, "orders")), ..Config::default() }, broker.clone())
+            .await;
     for (id, body) in [("ok", "ok"), ("retry", "retry"), ("trap", "trap"), ("loop", "loop"), ("poison", "reject")] {
         broker.push("orders", SbMessage::new(id, body.as_bytes()));
     }
@@ -119,11 +111,8 @@ async fn every_reply_in_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn json_and_binary_bodies_round_trip_through_the_contract() {
     let broker = Arc::new(Broker::default());
-    let producer_sidecar = Sidecar::start(
-        Config { input: None, outputs: vec!["orders".into()], api_token: None, app_token: None, port: 0 },
-        broker.clone(),
-    )
-    .await;
+    let producer_sidecar =
+        Sidecar::start(Config { outputs: vec!["orders".into()], ..Config::default() }, broker.clone()).await;
     let producer = Host::start("producer", producer_sidecar.port(), &[], &[]);
     let consumer_sidecar_port = free_port();
     let consumer = Host::start("consumer", consumer_sidecar_port, &["--consumer-config", "forward-binding=done"], &[]);
@@ -131,9 +120,8 @@ async fn json_and_binary_bodies_round_trip_through_the_contract() {
         Config {
             input: Some(Input::new(consumer.port, "orders")),
             outputs: vec!["done".into()],
-            api_token: None,
-            app_token: None,
             port: consumer_sidecar_port,
+            ..Config::default()
         },
         broker.clone(),
     )
@@ -213,9 +201,8 @@ async fn poison_goes_to_the_dead_letter_binding_when_there_is_one() {
         Config {
             input: Some(Input::new(host.port, "orders")),
             outputs: vec!["poison".into()],
-            api_token: None,
-            app_token: None,
             port: sidecar_port,
+            ..Config::default()
         },
         broker.clone(),
     )
@@ -246,11 +233,7 @@ async fn concurrency_is_capped_under_200_parallel_deliveries() {
     }
     let mut input = Input::new(host.port, "orders");
     input.concurrency = 200;
-    let sidecar = Sidecar::start(
-        Config { input: Some(input), outputs: vec![], api_token: None, app_token: None, port: 0 },
-        broker.clone(),
-    )
-    .await;
+    let sidecar = Sidecar::start(Config { input: Some(input), ..Config::default() }, broker.clone()).await;
     eventually(Duration::from_secs(60), "200 delivered", || {
         sidecar.deliveries().iter().filter(|d| d.2 == Some(200)).count() == 200
     })
@@ -269,13 +252,7 @@ async fn tokens_are_required_both_ways() {
     assert_eq!(request(host.port, "POST", "/orders", &[("dapr-api-token", "wrong")], b"ok".to_vec()).await.0, 401);
     assert_eq!(request(host.port, "GET", "/healthz", &[], vec![]).await.0, 200, "health needs no token");
     let wrong = Sidecar::start(
-        Config {
-            input: Some(Input::new(host.port, "orders")),
-            outputs: vec![],
-            api_token: None,
-            app_token: Some("nope".into()),
-            port: 0,
-        },
+        Config { input: Some(Input::new(host.port, "orders")), app_token: Some("nope".into()), ..Config::default() },
         broker.clone(),
     )
     .await;
@@ -288,10 +265,8 @@ async fn tokens_are_required_both_ways() {
     let right = Sidecar::start(
         Config {
             input: Some(Input::new(host.port, "orders")),
-            outputs: vec![],
-            api_token: None,
             app_token: Some("app-secret".into()),
-            port: 0,
+            ..Config::default()
         },
         broker.clone(),
     )
@@ -301,13 +276,7 @@ async fn tokens_are_required_both_ways() {
 
     // app -> daprd: DAPR_API_TOKEN.
     let guarded = Sidecar::start(
-        Config {
-            input: None,
-            outputs: vec!["outbox".into()],
-            api_token: Some("dapr-secret".into()),
-            app_token: None,
-            port: 0,
-        },
+        Config { outputs: vec!["outbox".into()], api_token: Some("dapr-secret".into()), ..Config::default() },
         broker.clone(),
     )
     .await;
@@ -340,7 +309,7 @@ async fn a_missing_sidecar_is_reported_not_fatal() {
     // The sidecar comes up: ready, and sends work.
     let broker = Arc::new(Broker::default());
     let sidecar = Sidecar::start(
-        Config { input: None, outputs: vec!["orders".into()], api_token: None, app_token: None, port: sidecar_port },
+        Config { outputs: vec!["orders".into()], port: sidecar_port, ..Config::default() },
         broker.clone(),
     )
     .await;
@@ -385,11 +354,7 @@ async fn sigterm_finishes_in_flight_and_new_deliveries_and_loses_nothing() {
     }
     let mut input = Input::new(host.port, "orders");
     input.concurrency = 64;
-    let sidecar = Sidecar::start(
-        Config { input: Some(input), outputs: vec![], api_token: None, app_token: None, port: 0 },
-        broker.clone(),
-    )
-    .await;
+    let sidecar = Sidecar::start(Config { input: Some(input), ..Config::default() }, broker.clone()).await;
     eventually(Duration::from_secs(20), "50 in flight", || broker.messages("orders").is_empty()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 

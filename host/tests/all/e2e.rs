@@ -83,6 +83,9 @@ impl Rabbit {
         std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n").unwrap();
         let proc = Proc::spawn(
             Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
+                // Erlang writes crash dumps (MnesiaCore.*) into its working
+                // directory: keep them out of the source tree.
+                .current_dir(dir)
                 .env("HOME", dir.join("home"))
                 .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
                 .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
@@ -135,6 +138,25 @@ struct App {
     host: Option<Running>,
     app_port: u16,
     http_port: u16,
+}
+
+impl App {
+    /// Starts the `role` app on free ports, daprd logging to `daprd-<role>.log`.
+    fn start(daprd: &Path, role: &str, root: &Path, host_args: &[&str]) -> App {
+        let mut app = App { daprd: None, host: None, app_port: free_port(), http_port: free_port() };
+        app.launch(daprd, role, root, host_args, &format!("daprd-{role}.log"));
+        app
+    }
+
+    /// Starts the host, then daprd with the components in `root/<role>`, on
+    /// this app's ports (again, after a stop). The host goes first: daprd
+    /// probes the app port as it starts, and a producer host only waits (not
+    /// ready) until daprd answers.
+    fn launch(&mut self, daprd: &Path, role: &str, root: &Path, host_args: &[&str], log: &str) {
+        let (app_port, http_port) = (self.app_port, self.http_port);
+        self.host = Some(start_host(role, app_port, http_port, host_args));
+        self.daprd = Some(start_daprd(daprd, role, app_port, http_port, &root.join(role), &root.join(log)));
+    }
 }
 
 fn start_daprd(daprd: &Path, id: &str, app_port: u16, http_port: u16, resources: &Path, log: &Path) -> Proc {
@@ -235,41 +257,14 @@ fn real_daprd_and_rabbitmq_end_to_end() {
     component(&root.join("consumer"), "done", "done", rabbit.amqp, Some("output"));
     component(&root.join("consumer"), "poison", "poison", rabbit.amqp, Some("output"));
 
-    let (p_app, p_http) = (free_port(), free_port());
-    let producer = App {
-        daprd: Some(start_daprd(
-            &daprd,
-            "producer",
-            p_app,
-            p_http,
-            &root.join("producer"),
-            &root.join("daprd-producer.log"),
-        )),
-        host: Some(start_host("producer", p_app, p_http, &[])),
-        app_port: p_app,
-        http_port: p_http,
-    };
+    let producer = App::start(&daprd, "producer", root, &[]);
     let consumer_args = [
         "--consumer-config",
         "forward-binding=done,transient-sku=FLAKY,transient-attempts=2,max-order-cents=100000",
         "--dead-letter-binding",
         "poison",
     ];
-    let (c_app, c_http) = (free_port(), free_port());
-    let mut consumer = App {
-        host: Some(start_host("consumer", c_app, c_http, &consumer_args)),
-        daprd: Some(start_daprd(
-            &daprd,
-            "consumer",
-            c_app,
-            c_http,
-            &root.join("consumer"),
-            &root.join("daprd-consumer.log"),
-        )),
-        app_port: c_app,
-        http_port: c_http,
-    };
-    let _ = (producer.http_port, consumer.http_port);
+    let mut consumer = App::start(&daprd, "consumer", root, &consumer_args);
 
     // 1. JSON orders, one flaky (retried, then fine) and one poison.
     let started = Instant::now();
@@ -344,15 +339,7 @@ fn real_daprd_and_rabbitmq_end_to_end() {
     let status = host.terminate();
     assert_eq!(status.code(), Some(0));
     // Restart the consumer side; whatever was not acknowledged comes back.
-    consumer.host = Some(start_host("consumer", c_app, c_http, &consumer_args));
-    consumer.daprd = Some(start_daprd(
-        &daprd,
-        "consumer",
-        c_app,
-        c_http,
-        &root.join("consumer"),
-        &root.join("daprd-consumer-2.log"),
-    ));
+    consumer.launch(&daprd, "consumer", root, &consumer_args, "daprd-consumer-2.log");
     let after = collect(&rabbit, "done", 400, Duration::from_secs(60), order_of);
     assert!((0..400).all(|i| after.contains_key(&format!("t-{i}"))), "none lost across SIGTERM");
     let twice = after.values().filter(|copies| copies.len() > 1).count();

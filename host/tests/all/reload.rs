@@ -92,11 +92,7 @@ async fn twenty_kubelet_swaps_under_load_fail_nothing() {
     let (a, b) = (guests::bytes("faulty"), guests::bytes("faulty-b"));
     let mut cm = ConfigMapDir::new(&[("consumer.wasm", &a)]);
     let broker = Arc::new(Broker::default());
-    let sidecar = Sidecar::start(
-        Config { input: None, outputs: vec!["tags".into()], api_token: None, app_token: None, port: 0 },
-        broker.clone(),
-    )
-    .await;
+    let sidecar = Sidecar::start(Config { outputs: vec!["tags".into()], ..Config::default() }, broker.clone()).await;
     let (host, port) = start_consumer(cm.path(), sidecar.port());
 
     // Load: 8 keep-alive connections posting `tag` deliveries as daprd would.

@@ -83,7 +83,9 @@ pub enum Event {
     Output { status: u16 },
 }
 
-#[derive(Clone)]
+/// What the double is set up with; the default has no bindings, no tokens
+/// and listens on any port.
+#[derive(Clone, Default)]
 pub struct Config {
     /// Input binding: deliver queue `queue` to `route` on the app's port.
     pub input: Option<Input>,
