@@ -6,8 +6,11 @@
 use serde::{Deserialize, Serialize};
 
 /// One order, as the producer receives it and the consumer reads it.
+///
+/// A tolerant reader: fields it does not know are ignored, so a producer
+/// that adds a field does not turn every message into poison at consumers
+/// not yet upgraded. (Samples are what users copy.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Order {
     /// Caller-chosen, unique per order; becomes the message id.
     pub id: String,
@@ -15,9 +18,8 @@ pub struct Order {
     pub items: Vec<Item>,
 }
 
-/// One line of an order.
+/// One line of an order (a tolerant reader too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Item {
     pub sku: String,
     pub qty: u32,
@@ -155,6 +157,14 @@ mod tests {
         assert!(parse_batch(format!("[{one},{one}]").as_bytes()).is_err());
         assert!(parse_batch(b"[]").is_err());
         assert!(parse_batch(b"{").is_err());
+    }
+
+    #[test]
+    fn fields_a_newer_producer_added_are_ignored() {
+        let newer =
+            br#"{"id":"a","customer":"c","priority":"high","items":[{"sku":"s","qty":1,"price_cents":1,"gift":true}]}"#;
+        let order = Order::parse(newer).map_err(|e| e.to_string());
+        assert_eq!(order.map(|o| o.total_cents()), Ok(Some(1)));
     }
 
     #[test]

@@ -21,7 +21,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use wasm_pc::dapr::{App, AppOptions, DaprClient, DaprOutbound, RetryPolicy};
+use wasm_pc::dapr::{Binding, BindingOptions, DaprClient, DaprOutbound, RetryPolicy};
+use wasm_pc::dispatch::Source;
 use wasm_pc::dispatch::{Dispatcher, Slot};
 use wasm_pc::metrics::Metrics;
 use wasm_pc::runtime::{ModuleSpec, Runtime, RuntimeOptions};
@@ -82,22 +83,23 @@ async fn start_wasm_host(instance_reuse: NonZeroU32) -> u16 {
     let consumer = runtime.load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm"))).unwrap();
     let metrics = Arc::new(Metrics::default());
     let outbound = Arc::new(DaprOutbound::new(DaprClient::new(1, None, RetryPolicy::default()), metrics.clone()));
-    let dispatcher = Arc::new(Dispatcher::new(runtime, outbound.clone(), Some(Arc::new(Slot::new(consumer))), None));
-    let options = AppOptions {
-        input_route: Some("/orders".into()),
-        produce_route: None,
+    let dispatcher =
+        Arc::new(Dispatcher::new(runtime, outbound.clone(), Some(Arc::new(Slot::new(consumer))), None, metrics));
+    let options = BindingOptions {
+        route: "/orders".into(),
         app_token: None,
         max_concurrency: CONNECTIONS,
         max_body_bytes: 4 << 20,
         dead_letter_binding: None,
         attempt_memory: 100_000,
     };
-    let app = Arc::new(App::new(options, dispatcher, metrics, outbound, Default::default()));
+    let binding = Arc::new(Binding::new(options, outbound));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     std::mem::forget(_stop);
-    tokio::spawn(wasm_pc::http::serve(listener, move |req| app.clone().handle(req), stopped, Duration::from_secs(1)));
+    let handler = move |req| Arc::clone(&binding).handle(Arc::clone(&dispatcher), req);
+    tokio::spawn(wasm_pc::http::serve(listener, handler, stopped, Duration::from_secs(1), Default::default()));
     port
 }
 
@@ -126,7 +128,7 @@ async fn start_native() -> u16 {
         *r.status_mut() = status;
         r
     };
-    tokio::spawn(wasm_pc::http::serve(listener, handler, stopped, Duration::from_secs(1)));
+    tokio::spawn(wasm_pc::http::serve(listener, handler, stopped, Duration::from_secs(1), Default::default()));
     port
 }
 

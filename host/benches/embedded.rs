@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use wasm_pc::dispatch::{Dispatcher, Slot};
-use wasm_pc::embedded::{EmbeddedOutbound, PoolOptions, run_pool};
+use wasm_pc::dispatch::{Dispatcher, Slot, Source};
+use wasm_pc::embedded::{EmbeddedOutbound, Pool, PoolOptions};
 use wasm_pc::metrics::Metrics;
-use wasm_pc::queue::{QueueHandle, QueueOptions};
+use wasm_pc::queue::{QueueHandle, StoreOptions};
 use wasm_pc::runtime::{ModuleSpec, Request, Runtime, RuntimeOptions};
 use wasm_pc::scale::ScaleRule;
 
@@ -30,7 +30,7 @@ async fn run(count: usize, concurrent: bool) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = Arc::new(Runtime::new(RuntimeOptions::default()).unwrap());
     let metrics = Arc::new(Metrics::default());
-    let queue = QueueHandle::open(&dir.path().join("bench.db"), QueueOptions::default(), false).unwrap();
+    let queue = QueueHandle::open(&dir.path().join("bench.db"), StoreOptions::default()).unwrap();
     let outbound = Arc::new(EmbeddedOutbound::new(queue.clone(), ["orders".to_string()], metrics.clone()));
     let producer = runtime.load_producer(ModuleSpec::new("producer", common::module("producer.wasm"))).unwrap();
     let consumer = runtime.load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm"))).unwrap();
@@ -39,12 +39,13 @@ async fn run(count: usize, concurrent: bool) {
         outbound,
         Some(Arc::new(Slot::new(consumer))),
         Some(Arc::new(Slot::new(producer))),
+        metrics.clone(),
     ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let options =
         PoolOptions { scale: ScaleRule { min: 64, max: 64, target: 16, activation: 0 }, ..PoolOptions::default() };
     let start_pool =
-        || tokio::spawn(run_pool(queue.clone(), dispatcher.clone(), metrics.clone(), options.clone(), stopped.clone()));
+        || tokio::spawn(Arc::new(Pool::new(queue.clone(), options.clone())).run(dispatcher.clone(), stopped.clone()));
     let mut pool = concurrent.then(start_pool);
 
     let started = Instant::now();
@@ -83,7 +84,7 @@ async fn run(count: usize, concurrent: bool) {
     let elapsed = started.elapsed();
     let _ = stop.send(true);
     if let Some(pool) = pool {
-        pool.await.unwrap().unwrap();
+        pool.await.unwrap();
     }
     let depth = queue.depth("orders").await.unwrap();
     assert_eq!(depth.pending(), 0);

@@ -11,7 +11,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasm_pc::outbound::{NoOutbound, Outbound};
+use wasm_pc::runtime::outbound::{NoOutbound, Outbound};
 use wasm_pc::runtime::{Message, ModuleSpec, Runtime, RuntimeOptions};
 
 fn main() {

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasm_pc::dispatch::{Dispatcher, Slot};
+use wasm_pc::dispatch::{Dispatcher, Report, Settlement, Slot};
 use wasm_pc::metrics::Metrics;
 use wasm_pc::modules::ModuleSource;
-use wasm_pc::outbound::NoOutbound;
 use wasm_pc::reload::{Reloader, Target};
+use wasm_pc::runtime::outbound::NoOutbound;
 use wasm_pc::runtime::{Message, ModuleSpec, Runtime, RuntimeOptions, World};
 
 const SWAPS: usize = 20;
@@ -54,7 +54,7 @@ fn main() {
         tokio::spawn(reloader.run(stopped));
 
         // Invocations run throughout; any error during a swap is counted.
-        let dispatcher = Arc::new(Dispatcher::new(runtime, Arc::new(NoOutbound), Some(slot.clone()), None));
+        let dispatcher = Arc::new(Dispatcher::new(runtime, Arc::new(NoOutbound), Some(slot.clone()), None, metrics));
         let running = Arc::new(AtomicBool::new(true));
         let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let load = {
@@ -63,9 +63,9 @@ fn main() {
                 let body = br#"{"id":"o","customer":"c","items":[{"sku":"A","qty":1,"price_cents":1}]}"#;
                 let message = Message { id: "m".into(), body: body.to_vec(), content_type: None, metadata: vec![], delivery_count: Some(1) };
                 while running.load(Ordering::Relaxed) {
-                    let delivery = dispatcher.deliver(&message).await;
+                    let settled = dispatcher.deliver("bench", message.clone(), Report).await;
                     calls.fetch_add(1, Ordering::Relaxed);
-                    if delivery.failure.is_some() {
+                    if settled != Settlement::Complete {
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -75,10 +75,10 @@ fn main() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut latencies = Vec::new();
         for k in 1..=SWAPS {
-            let before = slot.current().info.hash;
+            let before = slot.current().unwrap().info.hash;
             publish(&versions[k % 2]);
             let t = Instant::now();
-            while slot.current().info.hash == before {
+            while slot.current().unwrap().info.hash == before {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             latencies.push(t.elapsed());

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, watch};
 
-use crate::dispatch::{Dispatcher, Settlement};
+use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Gauge, Settlement, Source};
+use crate::http::{self, Body};
 use crate::metrics::Metrics;
-use crate::outbound::{Outbound, OutboundMessage, SendError, SendFuture};
-use crate::queue::{NewMessage, QueueError, QueueHandle, Received, Settle};
+use crate::queue::{NewMessage, QueueError, QueueHandle, Received, Settle, Settled};
 use crate::runtime::Message;
+use crate::runtime::outbound::{Outbound, OutboundMessage, SendError, SendFuture};
 use crate::scale::{Autoscaler, ScaleRule};
 
 /// Sends guest messages into queues of the embedded database; a binding name
@@ -32,7 +33,7 @@ impl EmbeddedOutbound {
 /// Builds the queue record for a guest's message. Metadata keys follow the
 /// Dapr Service Bus binding (`ttlInSeconds`), so a guest sees the same
 /// behaviour in both modes.
-pub fn to_new_message(message: OutboundMessage) -> Result<NewMessage, SendError> {
+fn to_new_message(message: OutboundMessage) -> Result<NewMessage, SendError> {
     let ttl = match message.metadata.iter().find(|(k, _)| k == "ttlInSeconds" || k == "ttl") {
         Some((_, v)) => match v.parse::<u64>() {
             Ok(secs) if secs > 0 => Some(Duration::from_secs(secs)),
@@ -49,6 +50,7 @@ pub fn to_new_message(message: OutboundMessage) -> Result<NewMessage, SendError>
         metadata: message.metadata,
         ttl,
         scheduled_at_ms: None,
+        amqp: None,
     })
 }
 
@@ -64,7 +66,8 @@ impl Outbound for EmbeddedOutbound {
             let ids =
                 self.queue.send(binding, vec![record]).await.map_err(|e| SendError::Unavailable(e.to_string()))?;
             self.metrics.sent.fetch_add(1, Ordering::Relaxed);
-            ids.into_iter().next().ok_or_else(|| SendError::Unavailable("the queue returned no id".into()))
+            let sent = ids.into_iter().next().map(|sent| sent.id);
+            sent.ok_or_else(|| SendError::Unavailable("the queue returned no id".into()))
         })
     }
 }
@@ -99,7 +102,7 @@ impl Default for PoolOptions {
 
 impl PoolOptions {
     /// Exponential backoff for the `delivery`th failed delivery.
-    pub fn backoff_for(&self, delivery: u32) -> Duration {
+    fn backoff_for(&self, delivery: u32) -> Duration {
         let factor = 1u32.checked_shl(delivery.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
         self.backoff.saturating_mul(factor).min(self.max_backoff)
     }
@@ -107,162 +110,288 @@ impl PoolOptions {
 
 /// Converts a received record into the guest's message (moving the body,
 /// not copying it).
-pub fn to_message(received: Received) -> Message {
+fn to_message(received: Received) -> Message {
+    let stored = received.message;
     Message {
-        id: received.id,
-        body: received.body,
-        content_type: received.content_type,
-        metadata: received.metadata,
-        delivery_count: Some(received.delivery_count),
+        id: stored.id,
+        body: stored.body,
+        content_type: stored.content_type,
+        metadata: stored.metadata,
+        delivery_count: Some(stored.delivery_count),
     }
 }
 
-/// Consumes `options.queue` until `shutdown` turns true, then waits for the
-/// deliveries in flight to finish and settle.
-pub async fn run_pool(
+/// The worker pool: consumes `options.queue`, scaled like KEDA, as a source.
+///
+/// A queue error (a busy or full database, a disk hiccup) never stops it:
+/// it backs off, says why in `/readyz` and the logs, and tries again for as
+/// long as the process lives.
+pub struct Pool {
     queue: QueueHandle,
-    dispatcher: Arc<Dispatcher>,
-    metrics: Arc<Metrics>,
     options: PoolOptions,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), QueueError> {
-    let max = options.scale.max.max(1) as usize;
-    // Permits = workers allowed now. Start with none; the scaler adds them.
-    let workers = Arc::new(Semaphore::new(0));
-    let mut allowed: usize = 0;
-    let mut scaler = Autoscaler::new(options.scale, options.cooldown);
-    let arrivals = queue.arrivals();
-    let mut next_scale = Instant::now();
-    let options = Arc::new(options);
-    let mut deliveries = tokio::task::JoinSet::new();
+    /// The last queue error, while the pool cannot read the queue.
+    trouble: std::sync::Mutex<Option<String>>,
+}
 
-    loop {
-        if *shutdown.borrow() {
-            break;
+impl Pool {
+    pub fn new(queue: QueueHandle, options: PoolOptions) -> Self {
+        Pool { queue, options, trouble: std::sync::Mutex::new(None) }
+    }
+
+    fn lock_duration(&self) -> Duration {
+        self.queue.options().queue(&self.options.queue).lock_duration
+    }
+
+    fn report(&self, error: Option<&QueueError>) {
+        let Ok(mut trouble) = self.trouble.lock() else { return };
+        match (error, trouble.as_ref()) {
+            (Some(e), None) => {
+                tracing::error!(queue = %self.options.queue, error = %e, "cannot read the queue; retrying")
+            }
+            (None, Some(_)) => tracing::info!(queue = %self.options.queue, "reading the queue again"),
+            _ => {}
         }
-        while deliveries.try_join_next().is_some() {}
-        if Instant::now() >= next_scale {
-            let depth = queue.depth(&options.queue).await?;
-            let in_flight = metrics.in_flight.load(Ordering::Relaxed);
-            // Service Bus counts locked messages as active; so does KEDA.
-            let want = scaler.observe(depth.active + in_flight.min(depth.locked), Instant::now()) as usize;
-            let want = want.min(max);
-            if want > allowed {
-                workers.add_permits(want - allowed);
-            } else if want < allowed {
-                // Shrinking waits for busy workers to finish, off this loop.
-                let shrink = u32::try_from(allowed - want).unwrap_or(u32::MAX);
-                let workers = Arc::clone(&workers);
-                tokio::spawn(async move {
-                    if let Ok(permits) = workers.acquire_many(shrink).await {
-                        permits.forget();
+        *trouble = error.map(|e| format!("cannot read queue {}: {e}", self.options.queue));
+    }
+
+    async fn consume(self: Arc<Self>, dispatcher: Arc<Dispatcher>, mut shutdown: watch::Receiver<bool>) {
+        let options = &self.options;
+        let max = options.scale.max.max(1) as usize;
+        // Permits = workers allowed now. Start with none; the scaler adds them.
+        let workers = Arc::new(Semaphore::new(0));
+        let mut allowed: usize = 0;
+        let mut scaler = Autoscaler::new(options.scale, options.cooldown);
+        let arrivals = self.queue.arrivals();
+        let mut next_scale = Instant::now();
+        let mut failures = 0u32;
+        let mut deliveries = tokio::task::JoinSet::new();
+        let metrics = Arc::clone(dispatcher.metrics());
+
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            while deliveries.try_join_next().is_some() {}
+            if failures > 0 {
+                // Back off on queue errors, up to a few seconds.
+                let pause = options.backoff.saturating_mul(1u32 << failures.min(6)).min(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => continue,
+                }
+            }
+            if Instant::now() >= next_scale {
+                let depth = match self.queue.depth(&options.queue).await {
+                    Ok(depth) => depth,
+                    Err(e) => {
+                        self.report(Some(&e));
+                        failures += 1;
+                        continue;
                     }
+                };
+                let in_flight = metrics.in_flight.load(Ordering::Relaxed);
+                // Service Bus counts locked messages as active; so does KEDA.
+                let want = scaler.observe(depth.active + in_flight.min(depth.locked), Instant::now()) as usize;
+                let want = want.min(max);
+                if want > allowed {
+                    workers.add_permits(want - allowed);
+                } else if want < allowed {
+                    // Shrinking waits for busy workers to finish, off this loop.
+                    let shrink = u32::try_from(allowed - want).unwrap_or(u32::MAX);
+                    let workers = Arc::clone(&workers);
+                    tokio::spawn(async move {
+                        if let Ok(permits) = workers.acquire_many(shrink).await {
+                            permits.forget();
+                        }
+                    });
+                }
+                if want != allowed {
+                    tracing::info!(queue = %options.queue, from = allowed, to = want, depth = depth.active, "scaling consumer workers");
+                }
+                allowed = want;
+                next_scale = Instant::now() + options.poll;
+            }
+
+            // Wait for a free worker (or the next scaling decision).
+            let first = tokio::select! {
+                permit = Arc::clone(&workers).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(next_scale.into()) => continue,
+                _ = shutdown.changed() => continue,
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = Arc::clone(&workers).try_acquire_owned() {
+                permits.push(p);
+            }
+
+            let notified = arrivals.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let batch = match self.queue.receive(&options.queue, permits.len()).await {
+                Ok(batch) => {
+                    if failures > 0 {
+                        failures = 0;
+                        self.report(None);
+                    }
+                    batch
+                }
+                Err(e) => {
+                    self.report(Some(&e));
+                    failures += 1;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(next_scale.into()) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            for (received, permit) in batch.into_iter().zip(permits) {
+                let (pool, dispatcher) = (Arc::clone(&self), Arc::clone(&dispatcher));
+                deliveries.spawn(async move {
+                    let (lock, attempt) = (received.lock, received.message.delivery_count);
+                    // A guest slower than the lock must not lose it: renew while it runs.
+                    let renewing = tokio::spawn(renew(pool.queue.clone(), lock, pool.lock_duration()));
+                    let settle = Settler {
+                        queue: &pool.queue,
+                        metrics: dispatcher.metrics(),
+                        options: &pool.options,
+                        lock,
+                        attempt,
+                    };
+                    dispatcher.deliver("embedded", to_message(received), settle).await;
+                    renewing.abort();
+                    drop(permit);
                 });
             }
-            if want != allowed {
-                tracing::info!(queue = %options.queue, from = allowed, to = want, depth = depth.active, "scaling consumer workers");
-            }
-            allowed = want;
-            next_scale = Instant::now() + options.poll;
         }
 
-        // Wait for a free worker (or the next scaling decision).
-        let first = tokio::select! {
-            permit = Arc::clone(&workers).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = tokio::time::sleep_until(next_scale.into()) => continue,
-            _ = shutdown.changed() => continue,
-        };
-        let mut permits = vec![first];
-        while let Ok(p) = Arc::clone(&workers).try_acquire_owned() {
-            permits.push(p);
+        // Drain: let every delivery in flight finish and settle.
+        let draining = deliveries.len();
+        if draining > 0 {
+            tracing::debug!(deliveries = draining, "waiting for deliveries in flight");
         }
-
-        let notified = arrivals.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let batch = queue.receive(&options.queue, permits.len()).await?;
-        if batch.is_empty() {
-            drop(permits);
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(next_scale.into()) => {}
-                _ = shutdown.changed() => {}
-            }
-            continue;
-        }
-        for (received, permit) in batch.into_iter().zip(permits) {
-            let (queue, dispatcher, metrics, options) =
-                (queue.clone(), Arc::clone(&dispatcher), Arc::clone(&metrics), Arc::clone(&options));
-            metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-            deliveries.spawn(async move {
-                deliver(&queue, &dispatcher, &metrics, &options, received).await;
-                metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
-            });
-        }
+        while deliveries.join_next().await.is_some() {}
     }
-
-    // Drain: let every delivery in flight finish and settle.
-    let draining = deliveries.len();
-    if draining > 0 {
-        tracing::debug!(deliveries = draining, "waiting for deliveries in flight");
-    }
-    while deliveries.join_next().await.is_some() {}
-    Ok(())
 }
 
-/// One delivery: invoke, then settle under the lock. A settle that fails
+/// Renews `lock` every third of its duration until the lock is gone (the
+/// delivery settled) or the task is aborted; as Dapr's Service Bus
+/// component renews while the app works.
+async fn renew(queue: QueueHandle, lock: crate::queue::Lock, duration: Duration) {
+    let every = (duration / 3).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(error) = queue.renew(lock).await {
+            tracing::debug!(%error, "stopped renewing a lock");
+            return;
+        }
+    }
+}
+
+/// Settles a delivery in the queue, under its lock. A settle that fails
 /// leaves the message locked; it comes back when the lock expires.
-async fn deliver(
-    queue: &QueueHandle,
-    dispatcher: &Dispatcher,
-    metrics: &Metrics,
-    options: &PoolOptions,
-    received: Received,
-) {
-    let (lock, attempt) = (received.lock, received.delivery_count);
-    let message = to_message(received);
-    let delivery = dispatcher.deliver(&message).await;
-    let how = match &delivery.settlement {
-        Settlement::Complete => Settle::Complete,
-        Settlement::Abandon { reason } => {
-            Settle::Abandon { delay: options.backoff_for(attempt), reason: reason.clone() }
-        }
-        Settlement::DeadLetter { reason } => {
-            Settle::DeadLetter { reason: "RejectedByConsumer".into(), description: reason.clone() }
-        }
-    };
-    match queue.settle(lock, how).await {
-        Ok(settled) => {
-            let effective = match settled {
-                crate::queue::Settled::Completed => Settlement::Complete,
-                crate::queue::Settled::Abandoned => delivery.settlement.clone(),
-                crate::queue::Settled::DeadLettered => match &delivery.settlement {
-                    Settlement::DeadLetter { .. } => delivery.settlement.clone(),
-                    other => Settlement::DeadLetter { reason: format!("max deliveries reached; last: {other:?}") },
-                },
-            };
-            match &effective {
-                Settlement::Complete => {}
-                Settlement::Abandon { reason } => {
-                    tracing::debug!(id = %message.id, delivery = attempt, %reason, "message abandoned for retry");
-                }
-                Settlement::DeadLetter { reason } => {
-                    tracing::warn!(id = %message.id, delivery = attempt, %reason, "message dead-lettered");
-                }
+struct Settler<'a> {
+    queue: &'a QueueHandle,
+    metrics: &'a Metrics,
+    options: &'a PoolOptions,
+    lock: crate::queue::Lock,
+    attempt: u32,
+}
+
+impl Acknowledge for Settler<'_> {
+    type Output = ();
+
+    async fn acknowledge(self, message: Message, delivery: Delivery) -> ((), Settlement) {
+        let how = match &delivery.settlement {
+            Settlement::Complete => Settle::Complete,
+            Settlement::Abandon { reason } => {
+                Settle::Abandon { delay: self.options.backoff_for(self.attempt), reason: reason.clone() }
             }
-            metrics.record(&effective, delivery.failure.as_ref());
+            Settlement::DeadLetter { reason } => {
+                Settle::DeadLetter { reason: "RejectedByConsumer".into(), description: reason.clone() }
+            }
+        };
+        let abandoned = Settlement::Abandon { reason: "not settled; the lock will expire".into() };
+        match self.queue.settle(self.lock, how).await {
+            Ok(Settled::Completed) => ((), Settlement::Complete),
+            Ok(Settled::DeadLettered) => {
+                let reason = match delivery.settlement {
+                    Settlement::DeadLetter { reason } => reason,
+                    other => format!("max deliveries reached; last: {other:?}"),
+                };
+                tracing::warn!(id = %message.id, delivery = self.attempt, %reason, "message dead-lettered");
+                ((), Settlement::DeadLetter { reason })
+            }
+            Ok(_) => {
+                tracing::debug!(id = %message.id, delivery = self.attempt, "message abandoned for retry");
+                ((), delivery.settlement)
+            }
+            Err(error @ QueueError::Gone { .. }) => {
+                tracing::info!(id = %message.id, %error, "nothing to settle");
+                ((), abandoned)
+            }
+            Err(QueueError::LockLost { id }) => {
+                self.metrics.locks_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%id, "lock lost before settling; the message will be redelivered");
+                ((), abandoned)
+            }
+            Err(error) => {
+                tracing::error!(id = %message.id, %error, "cannot settle; the message will be redelivered after its lock expires");
+                ((), abandoned)
+            }
         }
-        Err(QueueError::LockLost { id }) => {
-            metrics.locks_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%id, "lock lost before settling; the message will be redelivered");
-        }
-        Err(error) => {
-            tracing::error!(id = %message.id, %error, "cannot settle; the message will be redelivered after its lock expires")
-        }
+    }
+}
+
+impl Source for Pool {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn claims(&self, request: &hyper::Request<hyper::body::Incoming>) -> bool {
+        request.uri().path() == "/stats"
+    }
+
+    fn handle(
+        self: Arc<Self>,
+        dispatcher: Arc<Dispatcher>,
+        _request: hyper::Request<hyper::body::Incoming>,
+    ) -> BoxFuture<hyper::Response<Body>> {
+        Box::pin(async move {
+            match self.queue.depth(&self.options.queue).await {
+                Ok(depth) => http::json(
+                    hyper::StatusCode::OK,
+                    &serde_json::json!({"queue": self.options.queue, "depth": depth, "counters": dispatcher.metrics().snapshot()}),
+                ),
+                Err(e) => http::error(hyper::StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        })
+    }
+
+    fn run(self: Arc<Self>, dispatcher: Arc<Dispatcher>, shutdown: watch::Receiver<bool>) -> BoxFuture<()> {
+        Box::pin(self.consume(dispatcher, shutdown))
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        self.trouble.lock().ok().and_then(|t| t.clone())
+    }
+
+    fn gauges(self: Arc<Self>) -> BoxFuture<Vec<Gauge>> {
+        Box::pin(async move {
+            let depth = self.queue.depth(&self.options.queue).await.unwrap_or_default();
+            vec![
+                ("queue_active_messages", "Messages visible in the queue.", depth.active),
+                ("queue_locked_messages", "Messages locked by a consumer.", depth.locked),
+                ("queue_dead_lettered_messages", "Messages in the dead-letter queue.", depth.dead_lettered),
+            ]
+        })
     }
 }
 

@@ -1,26 +1,36 @@
 //! wasm-pc: a host that runs producer and consumer logic as WebAssembly
-//! components.
+//! components, fed by sources (an embedded queue, a Dapr sidecar).
 //!
 //! The pieces, in the order a message meets them:
 //!
-//! - [`runtime`]: one wasmtime engine; loads, checks and caches components and
-//!   invokes them with limits, one fresh instance per invocation.
-//! - [`outbound`]: where a guest's `outbound.send` goes (the embedded queue or
-//!   a Dapr output binding), behind one trait.
+//! - a *source* hands a message to the [`dispatch::Dispatcher`]: the
+//!   embedded worker pool ([`embedded`]), the Dapr input binding or pub/sub
+//!   ([`dapr`]);
+//! - the [`runtime`] (one wasmtime engine) invokes the live consumer with
+//!   limits, a fresh instance per invocation; its `outbound` import goes to
+//!   the queue or to daprd;
+//! - the source settles the outcome in its own terms.
 //!
-//! Guests see only the WIT worlds in `wit/`; the host's job is to give them
-//! messages and requests, and to settle what they answer.
+//! [`host`] composes them from the options of `dev` and `serve`; [`queue`]
+//! is the durable SQLite queue, which [`servicebus`] also serves to Service
+//! Bus clients over AMQP. Guests see only the WIT worlds in `wit/`.
+//!
+//! The public modules are what the binary, the tests and the benchmarks
+//! use; everything else is private to the crate.
 
-pub mod cli;
+mod cli;
 pub mod dapr;
 pub mod dispatch;
 pub mod embedded;
+pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod modules;
-pub mod outbound;
 pub mod queue;
 pub mod reload;
 pub mod runtime;
 pub mod scale;
-pub mod shutdown;
+pub mod servicebus;
+mod shutdown;
+
+pub use cli::main;

@@ -1,5 +1,5 @@
-//! The `wasm-pc` binary: see `wasm_pc::cli`.
+//! The `wasm-pc` binary: see `wasm_pc::main`.
 
 fn main() -> std::process::ExitCode {
-    wasm_pc::cli::main()
+    wasm_pc::main()
 }

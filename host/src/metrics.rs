@@ -22,11 +22,20 @@ pub struct Metrics {
     /// Invocations the host ended: trap, timeout, limit.
     pub traps: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Invocations whose time ran out while the guest waited on the host
+    /// (a send to a sidecar that did not answer), not in its own code.
+    pub host_call_timeouts: AtomicU64,
     pub limits: AtomicU64,
     /// Settlements refused because the lock had expired.
     pub locks_lost: AtomicU64,
-    /// Deliveries running now.
+    /// Deliveries running now, and the most that ever ran at once.
     pub in_flight: AtomicU64,
+    pub in_flight_peak: AtomicU64,
+    /// Time deliveries took, from receipt to acknowledgement, in
+    /// microseconds, and how many there were: a Prometheus summary's sum
+    /// and count.
+    pub delivery_micros: AtomicU64,
+    pub deliveries: AtomicU64,
     /// Module reloads that went live, and those refused.
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
@@ -42,14 +51,43 @@ pub struct Snapshot {
     pub dead_lettered: u64,
     pub traps: u64,
     pub timeouts: u64,
+    pub host_call_timeouts: u64,
     pub limits: u64,
     pub locks_lost: u64,
     pub in_flight: u64,
+    pub in_flight_peak: u64,
+    pub deliveries: u64,
+    pub delivery_micros: u64,
     pub reloads: u64,
     pub reload_failures: u64,
 }
 
+/// One delivery counted in flight; counted out when dropped, on every path
+/// (a future dropped because its client went away included).
+pub struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Metrics {
+    /// Counts a delivery in flight until the guard is dropped.
+    pub fn enter(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.in_flight_peak.fetch_max(now, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    /// Counts a finished delivery: how it was settled, how long it took and,
+    /// if the host ended it, why.
+    pub fn delivered(&self, settlement: &Settlement, failure: Option<&FailureKind>, took: std::time::Duration) {
+        self.record(settlement, failure);
+        self.deliveries.fetch_add(1, Ordering::Relaxed);
+        self.delivery_micros.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     /// Counts a settled delivery and, if the host ended it, why.
     pub fn record(&self, settlement: &Settlement, failure: Option<&FailureKind>) {
         let counter = match settlement {
@@ -61,6 +99,7 @@ impl Metrics {
         if let Some(kind) = failure {
             let counter = match kind {
                 FailureKind::Trap(_) | FailureKind::Instantiate(_) => &self.traps,
+                FailureKind::Timeout(spent) if spent.in_host_call() => &self.host_call_timeouts,
                 FailureKind::Timeout(_) => &self.timeouts,
                 FailureKind::ResourceLimit { .. } => &self.limits,
             };
@@ -78,9 +117,13 @@ impl Metrics {
             dead_lettered: get(&self.dead_lettered),
             traps: get(&self.traps),
             timeouts: get(&self.timeouts),
+            host_call_timeouts: get(&self.host_call_timeouts),
             limits: get(&self.limits),
             locks_lost: get(&self.locks_lost),
             in_flight: get(&self.in_flight),
+            in_flight_peak: get(&self.in_flight_peak),
+            deliveries: get(&self.deliveries),
+            delivery_micros: get(&self.delivery_micros),
             reloads: get(&self.reloads),
             reload_failures: get(&self.reload_failures),
         }
@@ -101,16 +144,30 @@ impl Metrics {
         counter("messages_abandoned_total", "Deliveries given back for retry.", s.abandoned);
         counter("messages_dead_lettered_total", "Deliveries dead-lettered.", s.dead_lettered);
         counter("guest_traps_total", "Invocations ended by a trap.", s.traps);
-        counter("guest_timeouts_total", "Invocations ended by the time limit.", s.timeouts);
+        counter("guest_timeouts_total", "Invocations ended by the time limit in guest code.", s.timeouts);
+        counter(
+            "host_call_timeouts_total",
+            "Invocations ended by the time limit while waiting on the host (a send).",
+            s.host_call_timeouts,
+        );
         counter("guest_limits_total", "Invocations ended by a resource limit.", s.limits);
         counter("locks_lost_total", "Settlements refused because the lock had expired.", s.locks_lost);
         counter("module_reloads_total", "Module versions that went live.", s.reloads);
         counter("module_reload_failures_total", "Module versions refused.", s.reload_failures);
         let _ = writeln!(
             out,
-            "# HELP wasm_pc_in_flight Deliveries running now.\n# TYPE wasm_pc_in_flight gauge\nwasm_pc_in_flight {}",
-            s.in_flight
+            "# HELP wasm_pc_delivery_seconds Time from receipt to acknowledgement.\n# TYPE wasm_pc_delivery_seconds summary\n\
+             wasm_pc_delivery_seconds_sum {:.6}\nwasm_pc_delivery_seconds_count {}",
+            s.delivery_micros as f64 / 1e6,
+            s.deliveries
         );
+        let gauges = [
+            ("in_flight", "Deliveries running now.", s.in_flight),
+            ("in_flight_peak", "Most deliveries that ran at once.", s.in_flight_peak),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} gauge\nwasm_pc_{name} {value}");
+        }
         for (name, help, value) in extra {
             let _ = writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} gauge\nwasm_pc_{name} {value}");
         }

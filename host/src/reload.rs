@@ -47,10 +47,10 @@ impl Target {
         }
     }
 
-    fn live(&self) -> Arc<ModuleInfo> {
+    fn live(&self) -> Option<Arc<ModuleInfo>> {
         match self {
-            Target::Consumer(_, slot) => Arc::clone(&slot.current().info),
-            Target::Producer(_, slot) => Arc::clone(&slot.current().info),
+            Target::Consumer(_, slot) => slot.current().map(|m| Arc::clone(&m.info)),
+            Target::Producer(_, slot) => slot.current().map(|m| Arc::clone(&m.info)),
         }
     }
 
@@ -80,8 +80,8 @@ impl Target {
 pub struct RoleStatus {
     pub world: World,
     pub file: String,
-    /// `name@version+hash` of the live module.
-    pub live: String,
+    /// `name@version+hash` of the live module; `None` until one loads.
+    pub live: Option<String>,
     /// Why the newest file was refused, while it is on disk.
     pub last_error: Option<String>,
     pub swaps: u64,
@@ -96,9 +96,13 @@ impl ReloadStatus {
         self.0.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// True when every role's newest file is the live one.
-    pub fn healthy(&self) -> bool {
-        self.snapshot().iter().all(|r| r.last_error.is_none())
+    /// Why a role has no module yet, for the first role without one: the
+    /// reason `/readyz` gives while the host waits for a module it can load.
+    pub fn unloaded(&self) -> Option<String> {
+        self.snapshot().into_iter().find(|r| r.live.is_none()).map(|r| {
+            let why = r.last_error.unwrap_or_else(|| "not loaded yet".into());
+            format!("no {} module is live: {why}", r.world)
+        })
     }
 }
 
@@ -112,7 +116,65 @@ pub struct Reloader {
     /// The hash of the last file seen per target, good or bad, so a refused
     /// file is not recompiled on every scan.
     seen: Vec<[u8; 32]>,
+    /// Scans in a row that could not read each target's file.
+    unreadable: Vec<u32>,
     rescan: Duration,
+}
+
+/// The watches on the modules directory and its parent, and which directory
+/// (by inode) they were armed on.
+struct DirWatch {
+    _watcher: Option<notify::RecommendedWatcher>,
+    inode: Option<u64>,
+}
+
+impl DirWatch {
+    fn arm(dir: &std::path::Path, tx: mpsc::UnboundedSender<Result<(), String>>) -> DirWatch {
+        let inode = inode(dir);
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).map(std::path::Path::to_path_buf);
+        let target = dir.to_path_buf();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // From the parent, only events about the modules directory itself.
+            let relevant = match &event {
+                Ok(e) => e.paths.iter().any(|p| p.starts_with(&target)),
+                Err(_) => true,
+            };
+            if relevant {
+                let _ = tx.send(event.map(|_| ()).map_err(|e| e.to_string()));
+            }
+        })
+        .and_then(|mut w| {
+            if let Some(parent) = &parent {
+                w.watch(parent, RecursiveMode::NonRecursive)?;
+            }
+            if inode.is_some() {
+                w.watch(dir, RecursiveMode::NonRecursive)?;
+            }
+            Ok(w)
+        });
+        match watcher {
+            Ok(w) => DirWatch { _watcher: Some(w), inode },
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the modules directory; relying on the periodic re-scan");
+                DirWatch { _watcher: None, inode }
+            }
+        }
+    }
+
+    /// Arms the watches again when the directory is a different one now
+    /// (deleted and made again) or appeared since.
+    fn rearm_if_moved(&mut self, dir: &std::path::Path, tx: &mpsc::UnboundedSender<Result<(), String>>) {
+        let now = inode(dir);
+        if now != self.inode {
+            tracing::info!(dir = %dir.display(), "the modules directory changed; watching it again");
+            *self = DirWatch::arm(dir, tx.clone());
+        }
+    }
+}
+
+fn inode(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| m.ino())
 }
 
 impl Reloader {
@@ -128,13 +190,24 @@ impl Reloader {
             .map(|t| RoleStatus {
                 world: t.source().world,
                 file: t.source().path.display().to_string(),
-                live: t.live().label().to_string(),
+                live: t.live().map(|info| info.label().to_string()),
                 last_error: None,
                 swaps: 0,
             })
             .collect();
-        let seen = targets.iter().map(|t| t.live().hash).collect();
-        Reloader { runtime, dir, targets, metrics, status: ReloadStatus(Arc::new(Mutex::new(status))), seen, rescan }
+        // An empty slot has seen nothing: the first scan loads its file.
+        let seen = targets.iter().map(|t| t.live().map(|info| info.hash).unwrap_or_default()).collect();
+        let unreadable = vec![0; targets.len()];
+        Reloader {
+            runtime,
+            dir,
+            targets,
+            metrics,
+            status: ReloadStatus(Arc::new(Mutex::new(status))),
+            seen,
+            unreadable,
+            rescan,
+        }
     }
 
     pub fn status(&self) -> ReloadStatus {
@@ -143,18 +216,14 @@ impl Reloader {
 
     /// Runs until `stop` turns true. File events come from a `notify`
     /// watcher thread; the re-scan timer covers anything it misses.
+    ///
+    /// The directory is watched, and so is its parent: a watch dies with
+    /// the directory it watches, so when the modules directory is deleted
+    /// and made again (a `cargo clean`, a redeploy), the parent's event
+    /// re-arms the watch at once instead of leaving it to the re-scan.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let (tx, mut events) = mpsc::unbounded_channel();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let _ = tx.send(event.map(|_| ()).map_err(|e| e.to_string()));
-        });
-        let _watcher = match watcher.and_then(|mut w| w.watch(&self.dir, RecursiveMode::NonRecursive).map(|()| w)) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the modules directory; relying on the periodic re-scan");
-                None
-            }
-        };
+        let mut watch = DirWatch::arm(&self.dir, tx.clone());
         let mut next_scan = Instant::now() + self.rescan;
         loop {
             tokio::select! {
@@ -172,14 +241,41 @@ impl Reloader {
                             more = events.recv() => if more.is_none() { break },
                         }
                     }
+                    watch.rearm_if_moved(&self.dir, &tx);
                     self.scan().await;
                 }
                 _ = tokio::time::sleep_until(next_scan.into()) => {
+                    watch.rearm_if_moved(&self.dir, &tx);
                     self.scan().await;
                     next_scan = Instant::now() + self.rescan;
                 }
             }
         }
+    }
+
+    /// A module file that cannot be read. Mid-swap a link may dangle for an
+    /// instant, so it is reported (`/readyz`, the log, the refusal counter)
+    /// only when the next scan cannot read it either, or when nothing is
+    /// live meanwhile.
+    fn unreadable(&mut self, i: usize, path: &std::path::Path, error: &std::io::Error) {
+        self.unreadable[i] += 1;
+        let reason = format!("cannot read {}: {error}", path.display());
+        let live = self.targets[i].live().is_some();
+        if live && self.unreadable[i] < 2 {
+            tracing::debug!(%reason, "module not readable now; checking again");
+            return;
+        }
+        let Ok(mut status) = self.status.0.lock() else { return };
+        if status[i].last_error.as_ref() != Some(&reason) {
+            match live {
+                true => {
+                    tracing::error!(%reason, live = ?status[i].live, "module file unreadable; the live version keeps serving")
+                }
+                false => tracing::error!(%reason, "no module to serve; waiting for one"),
+            }
+            self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        status[i].last_error = Some(reason);
     }
 
     /// Re-reads every target; loads and swaps those whose content changed.
@@ -189,12 +285,17 @@ impl Reloader {
             let bytes = match tokio::fs::read(&path).await {
                 Ok(bytes) => bytes,
                 Err(e) => {
-                    // Mid-swap a link may dangle for an instant; the next event or scan retries.
-                    tracing::debug!(file = %path.display(), error = %e, "module not readable now");
+                    self.unreadable(i, &path, &e);
                     continue;
                 }
             };
             let hash = content_hash(&bytes);
+            if std::mem::take(&mut self.unreadable[i]) > 0 && hash == self.seen[i] {
+                // Readable again, and unchanged: what was live still is.
+                if let Ok(mut status) = self.status.0.lock() {
+                    status[i].last_error = None;
+                }
+            }
             if hash == self.seen[i] {
                 continue;
             }
@@ -208,15 +309,27 @@ impl Reloader {
             let entry = &mut status[i];
             match outcome {
                 Ok(info) => {
-                    self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(file = %path.display(), from = %entry.live, to = %info.label(), took = ?started.elapsed(), "module swapped");
-                    entry.live = info.label().to_string();
+                    match &entry.live {
+                        Some(from) => {
+                            tracing::info!(file = %path.display(), %from, to = %info.label(), took = ?started.elapsed(), "module swapped");
+                            self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                            entry.swaps += 1;
+                        }
+                        None => tracing::info!(file = %path.display(), module = %info.label(), "module live"),
+                    }
+                    entry.live = Some(info.label().to_string());
                     entry.last_error = None;
-                    entry.swaps += 1;
                 }
                 Err(reason) => {
                     self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(file = %path.display(), %reason, live = %entry.live, "new module refused; the live version keeps serving");
+                    match &entry.live {
+                        Some(live) => {
+                            tracing::error!(file = %path.display(), %reason, %live, "new module refused; the live version keeps serving")
+                        }
+                        None => {
+                            tracing::error!(file = %path.display(), %reason, "module refused; nothing to serve until a file loads")
+                        }
+                    }
                     entry.last_error = Some(reason);
                 }
             }

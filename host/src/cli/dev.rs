@@ -1,31 +1,29 @@
 //! `wasm-pc dev`: embedded mode. Producer, consumer and the SQLite queue in
-//! one process; `--demo N` drives it by itself and prints a summary.
+//! one process: the embedded worker pool is the source, the queue the
+//! guests' output binding; `--servicebus-port` also serves the queues to
+//! Service Bus clients, and `--demo N` drives it all by itself.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use bytes::Bytes;
 use clap::Args;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, StatusCode};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
-use super::{ModuleArgs, RuntimeArgs, shutdown_signal};
-use crate::dispatch::{Dispatcher, Slot};
-use crate::embedded::{EmbeddedOutbound, PoolOptions, run_pool};
-use crate::http;
+use super::{ModuleArgs, RuntimeArgs, demo, shutdown_signal};
+use crate::dispatch::Source;
+use crate::embedded::{EmbeddedOutbound, Pool, PoolOptions};
+use crate::host::{self, Host, HostOptions, ProduceRoute, StopPolicy};
 use crate::metrics::Metrics;
-use crate::queue::{QueueHandle, QueueOptions};
-use crate::reload::{ReloadStatus, Reloader, Target};
-use crate::runtime::{Runtime, World};
+use crate::queue::{QueueHandle, QueueOptions, StoreOptions};
+use crate::reload::ReloadStatus;
+use crate::runtime::World;
+use crate::runtime::outbound::Outbound;
 use crate::scale::ScaleRule;
+use crate::servicebus::Entities;
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -76,6 +74,14 @@ pub struct DevArgs {
     /// summary and exit.
     #[arg(long)]
     demo: Option<usize>,
+    /// Also serve the queues as a local Azure Service Bus endpoint (AMQP) on
+    /// this port: Service Bus clients and the guests share them.
+    #[arg(long, env = "WASM_PC_SERVICEBUS_PORT")]
+    servicebus_port: Option<u16>,
+    #[command(flatten)]
+    endpoint: super::servicebus::EndpointArgs,
+    #[command(flatten)]
+    listener: super::ListenerArgs,
     #[command(flatten)]
     modules: ModuleArgs,
     #[command(flatten)]
@@ -84,180 +90,122 @@ pub struct DevArgs {
 
 pub async fn run(mut args: DevArgs) -> anyhow::Result<ExitCode> {
     if args.demo.is_some() {
-        demo_config(&mut args.modules.consumer_config);
+        demo::configure(&mut args.modules.consumer_config);
     }
-    let runtime = Arc::new(Runtime::new(args.runtime.options())?);
-    let metrics = Arc::new(Metrics::default());
+    // Locks are renewed at a third of their duration while a guest runs:
+    // that needs a lock long enough for a renewal to commit in time.
+    anyhow::ensure!(args.lock_ms >= 1_000, "--lock-ms must be at least 1000 (locks are renewed while a guest runs)");
+    let queue_options = QueueOptions {
+        max_delivery_count: args.max_delivery_count,
+        lock_duration: Duration::from_millis(args.lock_ms),
+        default_ttl: None,
+        // A laptop keeps what expired, to look at (`queue dead-letters`).
+        dead_letter_on_expiry: true,
+    };
     let queue = QueueHandle::open(
         &args.db,
-        QueueOptions {
-            max_delivery_count: args.max_delivery_count,
-            lock_duration: Duration::from_millis(args.lock_ms),
-            default_ttl: None,
+        StoreOptions {
+            defaults: queue_options,
+            queues: Default::default(),
             max_bytes: args.max_db_mib.map(|m| m << 20),
+            full_sync: args.full_sync,
         },
-        args.full_sync,
     )?;
     let mut bindings = args.bindings.clone();
     if !bindings.contains(&args.queue) {
         bindings.push(args.queue.clone());
     }
-    let outbound = Arc::new(EmbeddedOutbound::new(queue.clone(), bindings, Arc::clone(&metrics)));
-
-    let producer_source = args.modules.source(World::Producer)?;
-    let consumer_source = args.modules.source(World::Consumer)?;
-    let (rt, sources) = (Arc::clone(&runtime), (producer_source.clone(), consumer_source.clone()));
-    let (producer, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let read = |s: &crate::modules::ModuleSource| {
-            s.read()
-                .with_context(|| format!("reading {} (build the guests with `cargo xtask guests`)", s.path.display()))
-        };
-        let producer = rt.load_producer(read(&sources.0)?)?;
-        let consumer = rt.load_consumer(read(&sources.1)?)?;
-        Ok((producer, consumer))
+    let metrics = Arc::new(Metrics::default());
+    let outbound = Arc::new(EmbeddedOutbound::new(queue.clone(), bindings.clone(), Arc::clone(&metrics)));
+    let host = Host::build(HostOptions {
+        runtime: args.runtime.options(),
+        modules: vec![args.modules.source(World::Producer)?, args.modules.source(World::Consumer)?],
+        modules_dir: args.modules.modules_dir.clone(),
+        reload: args.modules.reload,
+        rescan: args.modules.rescan(),
+        outbound: outbound as Arc<dyn Outbound>,
+        metrics: Arc::clone(&metrics),
+        produce: Some(ProduceRoute { path: "/produce".into(), token: None, max_body_bytes: args.max_body_bytes }),
+        // On a laptop a module that does not load is the first thing to fix.
+        require_modules: true,
+        listener: args.listener.limits(),
+        stop: StopPolicy { drain: Duration::ZERO, deadline: Duration::from_secs(10) },
     })
-    .await??;
-    let (producer, consumer) = (Arc::new(Slot::new(producer)), Arc::new(Slot::new(consumer)));
-    let dispatcher = Arc::new(Dispatcher::new(
-        Arc::clone(&runtime),
-        outbound,
-        Some(Arc::clone(&consumer)),
-        Some(Arc::clone(&producer)),
-    ));
-    let reloader = Reloader::new(
-        runtime,
-        args.modules.modules_dir.clone(),
-        vec![Target::Producer(producer_source, producer), Target::Consumer(consumer_source, consumer)],
-        Arc::clone(&metrics),
-        args.modules.rescan(),
-    );
-    let reload = reloader.status();
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#} (build the guests with `cargo xtask guests`)"))?;
 
     let listen = args.listen.unwrap_or_else(|| {
         let port = if args.demo.is_some() { 0 } else { 8080 };
         SocketAddr::from(([127, 0, 0, 1], port))
     });
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = host::listen(listen).await?;
     let address = listener.local_addr()?;
     tracing::info!("producer endpoint: POST http://{address}/produce");
 
-    let (stop, stopped) = watch::channel(false);
-    if args.modules.reload {
-        tokio::spawn(reloader.run(stopped.clone()));
-    }
-    let state = Arc::new(Routes {
-        dispatcher: Arc::clone(&dispatcher),
-        metrics: Arc::clone(&metrics),
-        queue: queue.clone(),
-        queue_name: args.queue.clone(),
-        limit: args.max_body_bytes,
-        reload,
-    });
-    let reload_status = state.reload.clone();
-    let router = move |request| Arc::clone(&state).route(request);
-    let server = tokio::spawn(http::serve(listener, router, stopped.clone(), Duration::from_secs(10)));
-    let pool_options = PoolOptions {
-        queue: args.queue.clone(),
-        scale: ScaleRule {
-            min: args.min_workers,
-            max: args.max_workers,
-            target: args.messages_per_worker,
-            activation: 0,
-        },
-        cooldown: Duration::from_secs(args.cooldown_secs),
-        backoff: Duration::from_millis(args.retry_backoff_ms),
-        ..PoolOptions::default()
+    let (stop_aux, aux) = watch::channel(false);
+    let endpoint = match args.servicebus_port {
+        Some(port) => {
+            let mut entities = Entities::default();
+            for name in &bindings {
+                entities.declare(name, queue_options);
+            }
+            Some(args.endpoint.start(port, queue.clone(), entities, aux.clone()).await?)
+        }
+        None => None,
     };
-    let pool = tokio::spawn(run_pool(
-        queue.clone(),
-        Arc::clone(&dispatcher),
-        Arc::clone(&metrics),
-        pool_options,
-        stopped.clone(),
-    ));
     let status = tokio::spawn(report_status(
         queue.clone(),
         args.queue.clone(),
         Arc::clone(&metrics),
-        reload_status,
-        stopped.clone(),
+        host.reload_status().clone(),
+        aux.clone(),
     ));
+    let pool = Pool::new(
+        queue.clone(),
+        PoolOptions {
+            queue: args.queue.clone(),
+            scale: ScaleRule {
+                min: args.min_workers,
+                max: args.max_workers,
+                target: args.messages_per_worker,
+                activation: 0,
+            },
+            cooldown: Duration::from_secs(args.cooldown_secs),
+            backoff: Duration::from_millis(args.retry_backoff_ms),
+            ..PoolOptions::default()
+        },
+    );
+    let sources: Vec<Arc<dyn Source>> = vec![Arc::new(pool)];
 
-    let code = match args.demo {
-        Some(count) => {
-            let started = Instant::now();
-            let outcome = tokio::select! {
-                outcome = demo(address, count, &queue, &args.queue, &metrics) => outcome,
+    let started = Instant::now();
+    let (outcome, demo_done) = oneshot::channel();
+    let stop = {
+        let (queue, name, metrics) = (queue.clone(), args.queue.clone(), Arc::clone(&metrics));
+        let count = args.demo;
+        async move {
+            let Some(count) = count else {
+                shutdown_signal().await;
+                tracing::info!("shutting down: finishing deliveries in flight");
+                return;
+            };
+            let result = tokio::select! {
+                result = demo::drive(address, count, &queue, &name, &metrics) => result,
                 _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
             };
-            let _ = stop.send(true);
-            let _ = status.await;
-            let accepted = outcome?;
-            print_summary(count, accepted, started.elapsed(), &metrics, &args)?;
-            ExitCode::SUCCESS
-        }
-        None => {
-            shutdown_signal().await;
-            tracing::info!("shutting down: finishing deliveries in flight");
-            ExitCode::SUCCESS
+            let _ = outcome.send(result);
         }
     };
-    let _ = stop.send(true);
-    let _ = server.await;
-    pool.await??;
-    Ok(code)
-}
-
-/// Business rules the demo's sample data exercises, unless set by the user.
-fn demo_config(config: &mut Vec<String>) {
-    for (key, value) in [("transient-sku", "FLAKY"), ("transient-attempts", "2"), ("max-order-cents", "500000")] {
-        if !config.iter().any(|c| c.starts_with(&format!("{key}="))) {
-            config.push(format!("{key}={value}"));
-        }
+    host.run(listener, sources, stop).await?;
+    let _ = stop_aux.send(true);
+    let _ = status.await;
+    if let Some(endpoint) = endpoint {
+        let _ = endpoint.await;
     }
-}
-
-/// What the dev HTTP routes need.
-struct Routes {
-    dispatcher: Arc<Dispatcher>,
-    metrics: Arc<Metrics>,
-    queue: QueueHandle,
-    queue_name: String,
-    limit: usize,
-    reload: ReloadStatus,
-}
-
-impl Routes {
-    async fn route(self: Arc<Self>, request: hyper::Request<hyper::body::Incoming>) -> hyper::Response<http::Body> {
-        let (dispatcher, metrics, name) = (&self.dispatcher, &self.metrics, self.queue_name.as_str());
-        match (request.method(), request.uri().path()) {
-            (_, "/produce") => http::produce(Arc::clone(dispatcher), Arc::clone(metrics), request, self.limit).await,
-            (&Method::GET, "/healthz") => http::text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/readyz") => {
-                http::json(StatusCode::OK, &http::readiness(true, None, dispatcher, &self.reload))
-            }
-            (&Method::GET, "/stats") => match self.queue.depth(name).await {
-                Ok(depth) => http::json(
-                    StatusCode::OK,
-                    &serde_json::json!({"queue": name, "depth": depth, "counters": metrics.snapshot(), "modules": self.reload.snapshot()}),
-                ),
-                Err(e) => http::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-            },
-            (&Method::GET, "/metrics") => {
-                let depth = self.queue.depth(name).await.unwrap_or_default();
-                let gauges = [
-                    ("queue_active_messages", "Messages visible in the queue.", depth.active),
-                    ("queue_locked_messages", "Messages locked by a consumer.", depth.locked),
-                    ("queue_dead_lettered_messages", "Messages in the dead-letter queue.", depth.dead_lettered),
-                ];
-                http::text(StatusCode::OK, metrics.render(&dispatcher.live_modules(), &gauges))
-            }
-            (_, "/healthz" | "/readyz" | "/stats" | "/metrics") => {
-                http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
-            }
-            _ => http::error(StatusCode::NOT_FOUND, "no such route; POST /produce"),
-        }
+    if let Some(count) = args.demo {
+        let accepted = demo_done.await.map_err(|_| anyhow::anyhow!("the demo did not finish"))??;
+        demo::print_summary(count, accepted, started.elapsed(), &metrics, &args.queue, &args.db)?;
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A one-line live status on a terminal; a log line now and then otherwise.
@@ -291,7 +239,10 @@ async fn report_status(
         let refused: Vec<String> = reload
             .snapshot()
             .into_iter()
-            .filter_map(|r| r.last_error.map(|e| format!("  | {} refused, {} serving: {e}", r.file, r.live)))
+            .filter_map(|r| {
+                let live = r.live.unwrap_or_else(|| "nothing".into());
+                r.last_error.map(|e| format!("  | {} refused, {live} serving: {e}", r.file))
+            })
             .collect();
         let line = line + &refused.concat();
         if tty {
@@ -306,102 +257,4 @@ async fn report_status(
     if tty {
         let _ = writeln!(std::io::stderr());
     }
-}
-
-/// Posts `count` sample orders in batches through the HTTP endpoint, then
-/// waits until the queue has nothing pending. Returns how many were accepted.
-async fn demo(
-    address: SocketAddr,
-    count: usize,
-    queue: &QueueHandle,
-    name: &str,
-    metrics: &Metrics,
-) -> anyhow::Result<usize> {
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let run = &uuid::Uuid::new_v4().simple().to_string()[..6];
-    let orders: Vec<serde_json::Value> = (0..count).map(|i| sample_order(run, i)).collect();
-    let mut accepted = 0usize;
-    let mut posts = tokio::task::JoinSet::new();
-    for batch in orders.chunks(100) {
-        let body = serde_json::to_vec(batch)?;
-        let request = hyper::Request::post(format!("http://{address}/produce"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))?;
-        let client = client.clone();
-        posts.spawn(async move {
-            let response = client.request(request).await?;
-            let status = response.status();
-            let body = response.into_body().collect().await?.to_bytes();
-            anyhow::ensure!(
-                status == StatusCode::ACCEPTED,
-                "producer answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
-            let reply: serde_json::Value = serde_json::from_slice(&body)?;
-            Ok(reply["accepted"].as_u64().unwrap_or(0) as usize)
-        });
-        while posts.len() >= 4 {
-            if let Some(done) = posts.join_next().await {
-                accepted += done??;
-            }
-        }
-    }
-    while let Some(done) = posts.join_next().await {
-        accepted += done??;
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let depth = queue.depth(name).await?;
-        if depth.pending() == 0 && metrics.in_flight.load(Ordering::Relaxed) == 0 {
-            return Ok(accepted);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the queue did not drain within 5 minutes: {depth:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Order `i` of a demo run: every 25th holds the flaky SKU (retried, then
-/// fine), every 40th is over the credit limit (dead-lettered).
-fn sample_order(run: &str, i: usize) -> serde_json::Value {
-    const CUSTOMERS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
-    let mut items = vec![
-        serde_json::json!({"sku": format!("SKU-{}", i % 17), "qty": 1 + i % 3, "price_cents": 499 + (i % 7) * 100}),
-    ];
-    if i % 25 == 7 {
-        items.push(serde_json::json!({"sku": "FLAKY", "qty": 1, "price_cents": 100}));
-    }
-    if i % 40 == 13 {
-        items.push(serde_json::json!({"sku": "YACHT", "qty": 1, "price_cents": 99_000_000}));
-    }
-    serde_json::json!({"id": format!("demo-{run}-{i:05}"), "customer": CUSTOMERS[i % CUSTOMERS.len()], "items": items})
-}
-
-fn print_summary(
-    requested: usize,
-    accepted: usize,
-    elapsed: Duration,
-    metrics: &Metrics,
-    args: &DevArgs,
-) -> std::io::Result<()> {
-    let s = metrics.snapshot();
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    let mut out = std::io::stdout().lock();
-    writeln!(out)?;
-    writeln!(out, "wasm-pc dev --demo {requested}: done in {secs:.2} s")?;
-    writeln!(out, "  {:<34} {:>8}", "orders accepted by producer.wasm", accepted)?;
-    writeln!(out, "  {:<34} {:>8}", "messages enqueued (durable)", s.sent)?;
-    writeln!(out, "  {:<34} {:>8}", "completed by consumer.wasm", s.completed)?;
-    writeln!(out, "  {:<34} {:>8}", "retried (SKU FLAKY, then ok)", s.abandoned)?;
-    writeln!(out, "  {:<34} {:>8}", "dead-lettered (over credit limit)", s.dead_lettered)?;
-    writeln!(out, "  {:<34} {:>8}", "host-ended (trap/timeout/limit)", s.traps + s.timeouts + s.limits)?;
-    writeln!(out, "  {:<34} {:>8.0}", "orders/s, produce to settle", accepted as f64 / secs)?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "Dead letters and their reasons: cargo run --release -- queue dead-letters {} --db {}",
-        args.queue,
-        args.db.display()
-    )?;
-    Ok(())
 }

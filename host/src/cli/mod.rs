@@ -3,9 +3,11 @@
 //! Every flag can also be set through the environment variable named in its
 //! help, so a Kubernetes manifest configures the host without a wrapper.
 
+mod demo;
 mod dev;
 mod queue;
 mod serve;
+pub(crate) mod servicebus;
 mod tools;
 
 use std::num::NonZeroU32;
@@ -35,6 +37,9 @@ enum Command {
     Dev(Box<dev::DevArgs>),
     /// Dapr mode: serve daprd's input binding and/or the producer route.
     Serve(Box<serve::ServeArgs>),
+    /// A local Azure Service Bus endpoint (AMQP) on the embedded queue.
+    #[command(name = "servicebus")]
+    ServiceBus(Box<servicebus::ServiceBusArgs>),
     /// Inspect and repair the embedded queue database.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
@@ -48,9 +53,11 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
+    raise_open_files_limit();
     let result = match cli.command {
         Command::Dev(args) => run_async(dev::run(*args)),
         Command::Serve(args) => run_async(serve::run(*args)),
+        Command::ServiceBus(args) => run_async(servicebus::run(*args)),
         Command::Queue(cmd) => queue::run(cmd),
         Command::Check(args) => tools::check(args),
         Command::Compile(args) => tools::compile(args),
@@ -117,6 +124,49 @@ impl RuntimeArgs {
             instance_reuse: self.instance_reuse,
             ..RuntimeOptions::default()
         }
+    }
+}
+
+/// How the HTTP listener protects itself.
+#[derive(Debug, Clone, Args)]
+struct ListenerArgs {
+    /// A request's headers must arrive within this many milliseconds.
+    #[arg(long, env = "WASM_PC_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// Seconds a connection may stay idle before it is closed.
+    #[arg(long, env = "WASM_PC_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    idle_timeout_secs: u64,
+    /// Connections at once (plus a few kept for loopback peers such as
+    /// daprd); more get a 503.
+    #[arg(long, env = "WASM_PC_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+}
+
+impl ListenerArgs {
+    fn limits(&self) -> crate::http::ListenerLimits {
+        crate::http::ListenerLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
+            max_connections: self.max_connections.max(1),
+            ..crate::http::ListenerLimits::default()
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: every connection
+/// costs a descriptor, and a default of 1,024 is reached by a flood long
+/// before the connection cap could help.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "raised the open files limit");
     }
 }
 

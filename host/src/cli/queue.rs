@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::queue::{Database, Peeked, PurgeTarget, QueueOptions};
+use crate::queue::{Database, MessageState, PurgeTarget, StoreOptions, StoredMessage, SubQueue};
 
 #[derive(Debug, Args)]
 pub struct DbArgs {
@@ -50,6 +50,15 @@ pub enum QueueCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Copy every message that can still be read from a damaged database
+    /// into a new one (locks released), and say how many could not be.
+    Salvage {
+        /// The new database to write; it must not exist yet.
+        #[arg(long)]
+        into: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Delete messages for good: live ones (default), `--dead-letters`, or `--all`.
     Purge {
         queue: String,
@@ -64,7 +73,7 @@ pub enum QueueCommand {
 
 pub fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    let open = |args: &DbArgs| Database::open(&args.db, QueueOptions::default(), false);
+    let open = |args: &DbArgs| Database::open(&args.db, StoreOptions::default());
     match command {
         QueueCommand::Stats { queue, db: args } => {
             let mut db = open(&args)?;
@@ -91,16 +100,24 @@ pub fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
             }
         }
         QueueCommand::Peek { queue, limit, db: args } => {
-            let messages = open(&args)?.peek(&queue, false, limit)?;
+            let messages = open(&args)?.peek(&queue, SubQueue::Active, 0, limit)?;
             print_messages(&mut out, &messages, args.json)?;
         }
         QueueCommand::DeadLetters { queue, limit, db: args } => {
-            let messages = open(&args)?.peek(&queue, true, limit)?;
+            let messages = open(&args)?.peek(&queue, SubQueue::DeadLetter, 0, limit)?;
             print_messages(&mut out, &messages, args.json)?;
         }
         QueueCommand::Requeue { queue, ids, db: args } => {
             let moved = open(&args)?.requeue(&queue, &ids)?;
             report(&mut out, args.json, "requeued", moved)?;
+        }
+        QueueCommand::Salvage { into, db: args } => {
+            let (copied, unreadable) = Database::salvage(&args.db, &into)?;
+            if args.json {
+                writeln!(out, "{}", serde_json::json!({"copied": copied, "unreadable": unreadable, "into": into}))?;
+            } else {
+                writeln!(out, "copied {copied} message(s) into {}; {unreadable} could not be read", into.display())?;
+            }
         }
         QueueCommand::Purge { queue, dead_letters, all, db: args } => {
             let target = match (dead_letters, all) {
@@ -123,21 +140,65 @@ fn report(out: &mut impl Write, json: bool, what: &str, count: usize) -> std::io
     }
 }
 
-fn print_messages(out: &mut impl Write, messages: &[Peeked], json: bool) -> std::io::Result<()> {
-    if json {
-        return writeln!(out, "{}", serde_json::to_string(messages).unwrap_or_else(|_| "[]".into()));
+/// A stored message as the CLI shows it: a preview of the body, not all of it.
+#[derive(serde::Serialize)]
+struct Shown<'a> {
+    id: &'a str,
+    sequence: i64,
+    state: MessageState,
+    delivery_count: u32,
+    enqueued_at_ms: i64,
+    body_preview: String,
+    body_bytes: usize,
+    content_type: Option<&'a str>,
+    metadata: &'a [(String, String)],
+    dead_letter_reason: Option<&'a str>,
+    dead_letter_description: Option<&'a str>,
+}
+
+impl<'a> From<&'a StoredMessage> for Shown<'a> {
+    fn from(m: &'a StoredMessage) -> Self {
+        Shown {
+            id: &m.id,
+            sequence: m.sequence,
+            state: m.state,
+            delivery_count: m.delivery_count,
+            enqueued_at_ms: m.enqueued_at_ms,
+            body_preview: preview(&m.body),
+            body_bytes: m.body.len(),
+            content_type: m.content_type.as_deref(),
+            metadata: &m.metadata,
+            dead_letter_reason: m.dead_letter_reason.as_deref(),
+            dead_letter_description: m.dead_letter_description.as_deref(),
+        }
     }
-    if messages.is_empty() {
+}
+
+fn preview(body: &[u8]) -> String {
+    let shown = &body[..body.len().min(120)];
+    match std::str::from_utf8(shown) {
+        Ok(text) => text.to_string(),
+        Err(_) => format!("<{} bytes of binary>", body.len()),
+    }
+}
+
+fn print_messages(out: &mut impl Write, messages: &[StoredMessage], json: bool) -> std::io::Result<()> {
+    let shown: Vec<Shown<'_>> = messages.iter().map(Shown::from).collect();
+    if json {
+        return writeln!(out, "{}", serde_json::to_string(&shown).unwrap_or_else(|_| "[]".into()));
+    }
+    if shown.is_empty() {
         return writeln!(out, "(none)");
     }
-    for m in messages {
+    for m in shown {
+        let state = serde_json::to_value(m.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         writeln!(
             out,
-            "#{} id={} state={} deliveries={} bytes={}",
-            m.sequence, m.id, m.state, m.delivery_count, m.body_bytes
+            "#{} id={} state={state} deliveries={} bytes={}",
+            m.sequence, m.id, m.delivery_count, m.body_bytes
         )?;
-        if let Some(reason) = &m.dead_letter_reason {
-            writeln!(out, "    reason: {reason}: {}", m.dead_letter_description.as_deref().unwrap_or(""))?;
+        if let Some(reason) = m.dead_letter_reason {
+            writeln!(out, "    reason: {reason}: {}", m.dead_letter_description.unwrap_or(""))?;
         }
         writeln!(out, "    body: {}", m.body_preview)?;
     }

@@ -12,21 +12,19 @@
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{ModuleArgs, RuntimeArgs, shutdown_signal};
-use crate::dapr::{App, AppOptions, DaprClient, DaprOutbound, RetryPolicy};
-use crate::dispatch::{Dispatcher, Slot};
-use crate::http;
+use crate::dapr::{Binding, BindingOptions, DaprClient, DaprOutbound, PubSub, PubSubOptions, RetryPolicy};
+use crate::dispatch::Source;
+use crate::host::{self, Host, HostOptions, ProduceRoute, StopPolicy};
 use crate::metrics::Metrics;
-use crate::reload::{Reloader, Target};
-use crate::runtime::{Runtime, World};
+use crate::modules::parse_pairs;
+use crate::runtime::World;
+use crate::runtime::outbound::Outbound;
 
 /// Which modules this host runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -56,10 +54,38 @@ pub struct ServeArgs {
     /// Where the producer's requests arrive.
     #[arg(long, env = "WASM_PC_PRODUCE_ROUTE", default_value = "/produce")]
     produce_route: String,
+    /// Bearer token clients must send to the producer route
+    /// (`Authorization: Bearer ...`); unset leaves the route open.
+    #[arg(long, env = "WASM_PC_PRODUCE_TOKEN", hide_env_values = true)]
+    produce_token: Option<String>,
     /// Output binding for poison messages; without one they are refused until
     /// Service Bus dead-letters them after the queue's max delivery count.
     #[arg(long, env = "WASM_PC_DEAD_LETTER_BINDING")]
     dead_letter_binding: Option<String>,
+    /// Consume a pub/sub topic instead of the input binding: the pub/sub
+    /// Component's name (with `--topic`).
+    #[arg(long, env = "WASM_PC_PUBSUB", requires = "topic")]
+    pubsub: Option<String>,
+    /// The topic to subscribe to (a queue's name, for Service Bus queues).
+    #[arg(long, env = "WASM_PC_TOPIC", requires = "pubsub")]
+    topic: Option<String>,
+    /// Where daprd delivers the topic's events (default `/<pubsub>/<topic>`).
+    #[arg(long, env = "WASM_PC_PUBSUB_ROUTE")]
+    pubsub_route: Option<String>,
+    /// Topic poison events go to (daprd moves them there on DROP); without
+    /// one they are discarded.
+    #[arg(long, env = "WASM_PC_DEAD_LETTER_TOPIC")]
+    dead_letter_topic: Option<String>,
+    /// Subscribe with `rawPayload`: events published without a CloudEvent envelope.
+    #[arg(long, env = "WASM_PC_RAW_PAYLOAD")]
+    raw_payload: bool,
+    /// Subscribe in bulk, at most this many events per delivery.
+    #[arg(long, env = "WASM_PC_BULK")]
+    bulk: Option<u32>,
+    /// Output bindings that are pub/sub topics instead: `binding=pubsub/topic`
+    /// (repeat, or comma-separated in the env var).
+    #[arg(long = "publish", env = "WASM_PC_PUBLISH", value_delimiter = ',')]
+    publish: Vec<String>,
     /// daprd's HTTP port (`DAPR_HTTP_PORT`, set by the injector and `dapr run`).
     #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
     dapr_http_port: u16,
@@ -82,6 +108,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WASM_PC_SEND_ATTEMPTS", default_value_t = 4)]
     send_attempts: u32,
     #[command(flatten)]
+    listener: super::ListenerArgs,
+    #[command(flatten)]
     modules: ModuleArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
@@ -97,92 +125,89 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     // Listen first: daprd dials the app port and probes the binding before
     // anything else, and must not wait for module compilation.
-    let address = SocketAddr::new(args.listen_address, args.app_port);
-    let listener = TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))?;
+    let listener = host::listen(SocketAddr::new(args.listen_address, args.app_port)).await?;
     tracing::info!(role = ?args.role, "app listening for daprd on {}", listener.local_addr()?);
 
     let metrics = Arc::new(Metrics::default());
     let token = std::env::var("DAPR_API_TOKEN").ok();
     let retry = RetryPolicy { attempts: args.send_attempts.max(1), ..RetryPolicy::default() };
-    let client = DaprClient::new(args.dapr_http_port, token, retry);
-    let outbound = Arc::new(DaprOutbound::new(client.clone(), Arc::clone(&metrics)));
+    let mut outbound = DaprOutbound::new(DaprClient::new(args.dapr_http_port, token, retry), Arc::clone(&metrics));
+    for (binding, target) in parse_pairs(args.publish.iter().map(String::as_str)).map_err(anyhow::Error::msg)? {
+        let (pubsub, topic) = target
+            .split_once('/')
+            .filter(|(p, t)| !p.is_empty() && !t.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--publish {binding}={target}: the target is pubsub/topic"))?;
+        outbound = outbound.with_topic(&binding, pubsub, topic);
+    }
+    let outbound = Arc::new(outbound);
 
-    let runtime = Arc::new(Runtime::new(args.runtime.options())?);
-    let producer_source = produces.then(|| args.modules.source(World::Producer)).transpose()?;
-    let consumer_source = consumes.then(|| args.modules.source(World::Consumer)).transpose()?;
-    let (rt, sources) = (Arc::clone(&runtime), (producer_source.clone(), consumer_source.clone()));
-    let (producer, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let read = |s: &crate::modules::ModuleSource| s.read().with_context(|| format!("reading {}", s.path.display()));
-        let producer = sources.0.map(|s| read(&s).and_then(|spec| Ok(rt.load_producer(spec)?))).transpose()?;
-        let consumer = sources.1.map(|s| read(&s).and_then(|spec| Ok(rt.load_consumer(spec)?))).transpose()?;
-        Ok((producer, consumer))
+    let mut modules = Vec::new();
+    if produces {
+        modules.push(args.modules.source(World::Producer)?);
+    }
+    if consumes {
+        modules.push(args.modules.source(World::Consumer)?);
+    }
+    let host = Host::build(HostOptions {
+        runtime: args.runtime.options(),
+        modules,
+        modules_dir: args.modules.modules_dir.clone(),
+        reload: args.modules.reload,
+        rescan: args.modules.rescan(),
+        outbound: Arc::clone(&outbound) as Arc<dyn Outbound>,
+        metrics,
+        produce: produces.then(|| ProduceRoute {
+            path: normalize_route(&args.produce_route),
+            token: args.produce_token.clone().filter(|t| !t.is_empty()),
+            max_body_bytes: args.max_body_bytes,
+        }),
+        require_modules: false,
+        listener: args.listener.limits(),
+        stop: StopPolicy {
+            drain: Duration::from_secs_f64(args.drain_secs),
+            deadline: Duration::from_secs_f64(args.shutdown_deadline_secs),
+        },
     })
-    .await??;
-    let producer = producer.map(|m| Arc::new(Slot::new(m)));
-    let consumer = consumer.map(|m| Arc::new(Slot::new(m)));
-    let mut targets = Vec::new();
-    if let (Some(source), Some(slot)) = (producer_source, &producer) {
-        targets.push(Target::Producer(source, Arc::clone(slot)));
-    }
-    if let (Some(source), Some(slot)) = (consumer_source, &consumer) {
-        targets.push(Target::Consumer(source, Arc::clone(slot)));
-    }
-    let dispatcher = Arc::new(Dispatcher::new(
-        Arc::clone(&runtime),
-        Arc::clone(&outbound) as Arc<dyn crate::outbound::Outbound>,
-        consumer,
-        producer,
-    ));
-    let reloader =
-        Reloader::new(runtime, args.modules.modules_dir.clone(), targets, Arc::clone(&metrics), args.modules.rescan());
-    let reload = reloader.status();
+    .await?;
 
-    let input_route = consumes.then(|| {
-        let raw = args.input_route.clone().unwrap_or_else(|| args.input_binding.clone());
-        normalize_route(&raw)
-    });
-    let app = Arc::new(App::new(
-        AppOptions {
-            input_route: input_route.clone(),
-            produce_route: produces.then(|| normalize_route(&args.produce_route)),
-            app_token: std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty()),
+    let mut sources: Vec<Arc<dyn Source>> = Vec::new();
+    let app_token = std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty());
+    if let (true, Some(pubsub), Some(topic)) = (consumes, &args.pubsub, &args.topic) {
+        let route = normalize_route(args.pubsub_route.as_deref().unwrap_or(&format!("{pubsub}/{topic}")));
+        tracing::info!(%pubsub, %topic, %route, "pub/sub subscription ready");
+        sources.push(Arc::new(PubSub::new(PubSubOptions {
+            pubsub: pubsub.clone(),
+            topic: topic.clone(),
+            route,
+            dead_letter_topic: args.dead_letter_topic.clone(),
+            raw_payload: args.raw_payload,
+            bulk: args.bulk,
+            app_token: app_token.clone(),
             max_concurrency: args.max_concurrency,
             max_body_bytes: args.max_body_bytes,
-            dead_letter_binding: args.dead_letter_binding.clone(),
             attempt_memory: 100_000,
-        },
-        dispatcher,
-        metrics,
-        outbound,
-        reload,
-    ));
-    if let Some(route) = &input_route {
+        })));
+    } else if consumes {
+        let route = normalize_route(args.input_route.as_deref().unwrap_or(&args.input_binding));
         tracing::info!(%route, "input binding route ready");
+        sources.push(Arc::new(Binding::new(
+            BindingOptions {
+                route,
+                app_token,
+                max_concurrency: args.max_concurrency,
+                max_body_bytes: args.max_body_bytes,
+                dead_letter_binding: args.dead_letter_binding.clone(),
+                attempt_memory: 100_000,
+            },
+            Arc::clone(&outbound),
+        )));
     }
 
-    let (stop, stopped) = watch::channel(false);
-    if args.modules.reload {
-        tokio::spawn(reloader.run(stopped.clone()));
-    }
-    let watcher = tokio::spawn(watch_sidecar(client, Arc::clone(&app), stopped.clone()));
-    let handler = {
-        let app = Arc::clone(&app);
-        move |request| Arc::clone(&app).handle(request)
-    };
-    let deadline = Duration::from_secs_f64(args.shutdown_deadline_secs);
-    let drain = Duration::from_secs_f64(args.drain_secs);
-    let server = tokio::spawn(http::serve(listener, handler, stopped.clone(), deadline.saturating_sub(drain)));
-
-    shutdown_signal().await;
-    let signalled = Instant::now();
-    app.draining.store(true, Ordering::Relaxed);
-    tracing::info!(?drain, ?deadline, "SIGTERM: still serving while daprd drains");
-    tokio::time::sleep(drain).await;
-    tracing::info!(in_flight = app.in_flight(), "drain window over: no new connections; finishing in-flight work");
-    let _ = stop.send(true);
-    let _ = server.await;
-    let _ = watcher.await;
-    tracing::info!(elapsed = ?signalled.elapsed(), "stopped");
+    let (stop_watch, watching) = watch::channel(false);
+    let sidecar = tokio::spawn(Arc::clone(&outbound).watch(watching));
+    host.run(listener, sources, shutdown_signal()).await?;
+    let _ = stop_watch.send(true);
+    let _ = sidecar.await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -190,25 +215,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn normalize_route(raw: &str) -> String {
     let parts: Vec<&str> = raw.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     format!("/{}", parts.join("/"))
-}
-
-/// Keeps `sidecar_ready` current by polling daprd's outbound health: fast
-/// until it first answers, then every few seconds.
-async fn watch_sidecar(client: DaprClient, app: Arc<App>, mut stopped: watch::Receiver<bool>) {
-    let mut was = false;
-    loop {
-        let ready = client.outbound_ready().await;
-        app.sidecar_ready.store(ready, Ordering::Relaxed);
-        if ready != was {
-            tracing::info!(ready, "daprd outbound API (/v1.0/healthz/outbound)");
-            was = ready;
-        }
-        let pause = if ready { Duration::from_secs(5) } else { Duration::from_millis(200) };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = crate::shutdown::requested(&mut stopped) => return,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The app → daprd direction: output bindings and sidecar readiness.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::codec;
 use crate::metrics::Metrics;
-use crate::outbound::{Outbound, OutboundMessage, SendError, SendFuture};
+use crate::runtime::outbound::{Outbound, OutboundMessage, SendError, SendFuture};
 
 tokio::task_local! {
     /// The W3C trace context of the request or delivery being handled, so a
@@ -95,7 +96,7 @@ impl DaprClient {
 
     /// One probe of `GET /v1.0/healthz/outbound`: 204 once components are
     /// loaded. (Never `/v1.0/healthz`, which waits for this app.)
-    pub async fn outbound_ready(&self) -> bool {
+    async fn outbound_ready(&self) -> bool {
         let request = hyper::Request::get(format!("{}/v1.0/healthz/outbound", self.base)).body(Full::new(Bytes::new()));
         let Ok(request) = request else { return false };
         match tokio::time::timeout(Duration::from_secs(2), self.http.request(request)).await {
@@ -116,13 +117,41 @@ impl DaprClient {
             metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
         let body = serde_json::json!({ "data": data, "metadata": metadata, "operation": "create" }).to_string();
         let body = Bytes::from(body);
+        self.with_retries(binding, || self.create_once(binding, body.clone())).await
+    }
+
+    /// `POST /v1.0/publish/<pubsub>/<topic>`: the body as it is, under its
+    /// content type, with `metadata` as `metadata.<key>` query parameters;
+    /// retried like [`DaprClient::create`].
+    pub async fn publish(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        body: Bytes,
+        content_type: &str,
+        metadata: &[(String, String)],
+    ) -> Result<(), BindingError> {
+        let query: Vec<String> = metadata
+            .iter()
+            .map(|(k, v)| format!("metadata.{}={}", codec::query_escape(k), codec::query_escape(v)))
+            .collect();
+        let path = format!("/v1.0/publish/{pubsub}/{topic}?{}", query.join("&"));
+        let target = format!("{pubsub}/{topic}");
+        self.with_retries(&target, || self.post(&path, &target, body.clone(), content_type)).await
+    }
+
+    async fn with_retries<F, Fut>(&self, target: &str, attempt_once: F) -> Result<(), BindingError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), BindingError>>,
+    {
         let mut delay = self.retry.first_delay;
         let mut attempt = 1;
         loop {
-            match self.create_once(binding, body.clone()).await {
+            match attempt_once().await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && attempt < self.retry.attempts => {
-                    tracing::debug!(%binding, attempt, error = %e, "binding call failed; retrying");
+                    tracing::debug!(%target, attempt, error = %e, "daprd call failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.retry.max_delay);
                     attempt += 1;
@@ -133,10 +162,15 @@ impl DaprClient {
     }
 
     async fn create_once(&self, binding: &str, body: Bytes) -> Result<(), BindingError> {
+        self.post(&format!("/v1.0/bindings/{binding}"), binding, body, "application/json").await
+    }
+
+    /// One POST to daprd; `target` names the binding or topic in errors.
+    async fn post(&self, path: &str, target: &str, body: Bytes, content_type: &str) -> Result<(), BindingError> {
         let mut request = hyper::Request::builder()
             .method(Method::POST)
-            .uri(format!("{}/v1.0/bindings/{binding}", self.base))
-            .header("content-type", "application/json");
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", content_type);
         if let Some(token) = &self.token {
             request = request.header("dapr-api-token", token);
         }
@@ -170,26 +204,65 @@ impl DaprClient {
             _ if code == "ERR_INVOKE_OUTPUT_BINDING"
                 && (message.contains("not found") || message.contains("couldn't find")) =>
             {
-                BindingError::UnknownBinding(binding.to_string(), message)
+                BindingError::UnknownBinding(target.to_string(), message)
             }
+            StatusCode::NOT_FOUND if code.starts_with("ERR_PUBSUB") || code == "ERR_TOPIC_NAME_EMPTY" => {
+                BindingError::UnknownBinding(target.to_string(), message)
+            }
+            StatusCode::FORBIDDEN => BindingError::Malformed { code, message },
             _ => BindingError::Failed { status: status.as_u16(), code, message },
         })
     }
 }
 
-/// Guest sends through Dapr output bindings.
+/// Guest sends through Dapr output bindings, or pub/sub topics where a
+/// binding name is mapped to one.
 pub struct DaprOutbound {
     client: DaprClient,
     metrics: Arc<Metrics>,
+    /// Binding name → (pub/sub component, topic).
+    topics: BTreeMap<String, (String, String)>,
+    /// Set while daprd's outbound API answers.
+    ready: AtomicBool,
 }
 
 impl DaprOutbound {
     pub fn new(client: DaprClient, metrics: Arc<Metrics>) -> Self {
-        DaprOutbound { client, metrics }
+        DaprOutbound { client, metrics, topics: BTreeMap::new(), ready: AtomicBool::new(false) }
+    }
+
+    /// Sends to `binding` publish to `pubsub`'s `topic` instead.
+    pub fn with_topic(mut self, binding: &str, pubsub: &str, topic: &str) -> Self {
+        self.topics.insert(binding.to_string(), (pubsub.to_string(), topic.to_string()));
+        self
     }
 
     pub fn client(&self) -> &DaprClient {
         &self.client
+    }
+
+    /// Keeps readiness current by polling daprd's outbound health: fast
+    /// until it first answers, then every few seconds, until `stopped`.
+    pub async fn watch(self: Arc<Self>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        let mut was = false;
+        loop {
+            let ready = self.client.outbound_ready().await;
+            self.ready.store(ready, Ordering::Relaxed);
+            if ready != was {
+                tracing::info!(ready, "daprd outbound API (/v1.0/healthz/outbound)");
+                was = ready;
+            }
+            let pause = if ready { Duration::from_secs(5) } else { Duration::from_millis(200) };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = crate::shutdown::requested(&mut stopped) => return,
+            }
+        }
+    }
+
+    /// Whether daprd's outbound API answered last time it was asked.
+    pub fn sidecar_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 }
 
@@ -197,6 +270,19 @@ impl Outbound for DaprOutbound {
     fn send<'a>(&'a self, binding: &'a str, message: OutboundMessage) -> SendFuture<'a> {
         Box::pin(async move {
             let id = message.id.clone().unwrap_or_default();
+            if let Some((pubsub, topic)) = self.topics.get(binding) {
+                let content_type = message.content_type.clone().unwrap_or_else(|| {
+                    let json = serde_json::from_slice::<serde::de::IgnoredAny>(&message.body).is_ok();
+                    if json { "application/json" } else { "application/octet-stream" }.to_string()
+                });
+                let mut metadata = message.metadata;
+                metadata.retain(|(k, _)| k != "MessageId" && k != "id");
+                // Service Bus takes it as the message id; other brokers keep it as a property.
+                metadata.push(("MessageId".to_string(), id.clone()));
+                self.client.publish(pubsub, topic, Bytes::from(message.body), &content_type, &metadata).await?;
+                self.metrics.sent.fetch_add(1, Ordering::Relaxed);
+                return Ok(id);
+            }
             let (data, extra) = codec::encode_data(&message.body, message.content_type.as_deref());
             let mut metadata = message.metadata;
             metadata.retain(|(k, _)| k != "MessageId" && k != "id" && !k.starts_with("wasmpc-"));
@@ -206,5 +292,9 @@ impl Outbound for DaprOutbound {
             self.metrics.sent.fetch_add(1, Ordering::Relaxed);
             Ok(id)
         })
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        (!self.sidecar_ready()).then(|| "waiting for daprd's outbound API (/v1.0/healthz/outbound)".to_string())
     }
 }

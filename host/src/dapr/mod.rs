@@ -1,16 +1,20 @@
-//! Dapr mode: the host speaks the Dapr HTTP binding contract in both
-//! directions (see `shared/dapr-contract.md`).
+//! Dapr mode: the host speaks Dapr's HTTP contract in both directions (see
+//! `shared/dapr-contract.md` and `docs/dapr-pubsub-contract.md`).
 //!
-//! - [`app`]: what daprd calls (input binding route, subscription probe,
-//!   health) plus the producer route.
+//! - [`binding`]: the input binding as a source (daprd POSTs each message).
+//! - [`pubsub`]: a pub/sub subscription as a source (CloudEvents, statuses),
+//!   and [`cloudevent`], how its events decode.
 //! - [`client`]: what the host calls on daprd (output bindings, readiness).
 //! - [`codec`]: how bodies and metadata survive the trip.
-//! - `attempts`: the delivery-count estimate daprd cannot give.
+//! - `attempts`: the delivery-count estimate the binding does not give.
 
-pub mod app;
 mod attempts;
+pub mod binding;
 pub mod client;
+pub mod cloudevent;
 pub mod codec;
+pub mod pubsub;
 
-pub use app::{App, AppOptions};
+pub use binding::{Binding, BindingOptions};
 pub use client::{BindingError, DaprClient, DaprOutbound, RetryPolicy};
+pub use pubsub::{PubSub, PubSubOptions};

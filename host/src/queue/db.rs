@@ -3,14 +3,15 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, params};
 
 use super::{
-    Depth, Lock, NewMessage, Peeked, PurgeTarget, QueueError, QueueOptions, Received, Settle, Settled, now_ms,
+    Depth, Lock, MessageState, NewMessage, PurgeTarget, QueueError, QueueOptions, ReceiveMode, Received, Sent, Settle,
+    Settled, StoreOptions, StoredMessage, SubQueue, now_ms,
 };
 
 /// The schema this host writes. Bump it with a migration in [`Database::open`].
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS wasm_pc_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -31,21 +32,47 @@ CREATE TABLE IF NOT EXISTS messages (
     dead           INTEGER NOT NULL DEFAULT 0,
     dl_reason      TEXT,
     dl_description TEXT,
-    dl_at          INTEGER
+    dl_at          INTEGER,
+    -- The queue's own sequence number (Service Bus SequenceNumber).
+    sequence       INTEGER NOT NULL,
+    deferred       INTEGER NOT NULL DEFAULT 0,
+    amqp           BLOB
 );
 -- Receives walk a queue in sequence order, skipping the few not yet visible.
 CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, dead, seq);
+CREATE INDEX IF NOT EXISTS messages_by_sequence ON messages (queue, sequence);
+-- The last sequence number given out per queue: numbers are never reused.
+CREATE TABLE IF NOT EXISTS queue_sequences (queue TEXT PRIMARY KEY, last INTEGER NOT NULL);
+";
+
+/// Schema 1 had one sequence for all queues, and no deferral or AMQP copy.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE messages ADD COLUMN sequence INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN deferred INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN amqp BLOB;
+UPDATE messages SET sequence = seq;
+CREATE INDEX IF NOT EXISTS messages_by_sequence ON messages (queue, sequence);
+CREATE TABLE IF NOT EXISTS queue_sequences (queue TEXT PRIMARY KEY, last INTEGER NOT NULL);
+INSERT OR REPLACE INTO queue_sequences (queue, last)
+    SELECT queue, max(seq) FROM messages GROUP BY queue;
+INSERT OR REPLACE INTO queue_sequences (queue, last)
+    SELECT '', coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0);
+UPDATE wasm_pc_meta SET value = 2 WHERE key = 'schema_version';
 ";
 
 /// Service Bus's dead-letter reasons.
 const TTL_EXPIRED: &str = "TTLExpiredException";
 const MAX_DELIVERIES: &str = "MaxDeliveryCountExceeded";
 
+/// Columns every message query reads, in [`stored`]'s order.
+const COLUMNS: &str = "seq, id, body, content_type, metadata, enqueued_at, expires_at, delivery_count, visible_at, \
+                       lock_token, dead, dl_reason, dl_description, sequence, deferred, amqp";
+
 /// A queue database: several named queues in one file.
 pub struct Database {
     conn: Connection,
     path: String,
-    options: QueueOptions,
+    options: StoreOptions,
 }
 
 impl Database {
@@ -55,7 +82,7 @@ impl Database {
     /// host (committed transactions are in the WAL file); only an OS crash or
     /// power loss may lose the last commits. `full_sync` closes that gap at
     /// some throughput cost.
-    pub fn open(path: &Path, options: QueueOptions, full_sync: bool) -> Result<Database, QueueError> {
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Database, QueueError> {
         let shown = path.display().to_string();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| QueueError::Open {
@@ -66,11 +93,11 @@ impl Database {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(&shown, e))?;
         let mut db = Database { conn, path: shown, options };
-        db.init(full_sync)?;
+        db.init()?;
         Ok(db)
     }
 
-    fn init(&mut self, full_sync: bool) -> Result<(), QueueError> {
+    fn init(&mut self) -> Result<(), QueueError> {
         let path = self.path.clone();
         let err = |e| classify(&path, e);
         self.conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
@@ -78,7 +105,7 @@ impl Database {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(QueueError::Open { path, detail: format!("cannot switch to WAL mode (got {mode})") });
         }
-        let sync = if full_sync { "FULL" } else { "NORMAL" };
+        let sync = if self.options.full_sync { "FULL" } else { "NORMAL" };
         self.conn.pragma_update(None, "synchronous", sync).map_err(err)?;
         if let Some(max) = self.options.max_bytes {
             let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(err)?;
@@ -96,7 +123,8 @@ impl Database {
                 .map_err(err)?;
             let has_other: bool = tx
                 .query_row(
-                    "SELECT count(*) FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name NOT IN ('wasm_pc_meta','messages')",
+                    "SELECT count(*) FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'
+                     AND name NOT IN ('wasm_pc_meta','messages','queue_sequences')",
                     [],
                     |r| r.get(0),
                 )
@@ -116,22 +144,96 @@ impl Database {
                 detail: "it holds other tables; refusing to write into it".into(),
             });
         }
+        if found.is_some() {
+            self.check_pages()?;
+        }
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
         match found {
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(QueueError::NewerSchema { path, found: v, supported: SCHEMA_VERSION });
             }
-            Some(_) => return Ok(()),
+            Some(SCHEMA_VERSION) => return Ok(()),
+            Some(1) => tx.execute_batch(MIGRATE_1_TO_2).map_err(err)?,
+            Some(v) => return Err(QueueError::Corrupt { path, detail: format!("unknown schema version {v}") }),
             None if has_meta => {
                 return Err(QueueError::Corrupt { path, detail: "no schema version recorded".into() });
             }
-            None => {}
+            None => {
+                tx.execute_batch(SCHEMA).map_err(err)?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO wasm_pc_meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION],
+                )
+                .map_err(err)?;
+            }
         }
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
-        tx.execute_batch(SCHEMA).map_err(err)?;
-        tx.execute("INSERT OR IGNORE INTO wasm_pc_meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
-            .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(())
+    }
+
+    /// Refuses a database with damaged pages at open, saying how to recover,
+    /// rather than failing at the first query that touches them.
+    fn check_pages(&mut self) -> Result<(), QueueError> {
+        let path = self.path.clone();
+        let problems: Vec<String> = self
+            .conn
+            .prepare("PRAGMA quick_check(5)")
+            .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>())
+            .map_err(|e| classify(&path, e))?;
+        if problems.iter().all(|p| p == "ok") {
+            return Ok(());
+        }
+        Err(QueueError::Corrupt {
+            path: path.clone(),
+            detail: format!(
+                "damaged pages ({}); copy what can be read into a new database with \
+                 `wasm-pc queue salvage --db {path} --into NEW.db`, then use NEW.db",
+                problems.join("; ")
+            ),
+        })
+    }
+
+    /// Copies every message that can still be read from the (possibly
+    /// damaged) database at `from` into a new one at `into`, locks released.
+    /// Returns `(copied, unreadable)`.
+    pub fn salvage(from: &Path, into: &Path) -> Result<(usize, usize), QueueError> {
+        let shown = from.display().to_string();
+        let source =
+            Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| classify(&shown, e))?;
+        let last: i64 = source
+            .query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)", [], |r| {
+                r.get(0)
+            })
+            .or_else(|_| source.query_row("SELECT coalesce(max(seq), 0) FROM messages", [], |r| r.get(0)))
+            .map_err(|e| classify(&shown, e))?;
+        if into.exists() {
+            return Err(QueueError::Open { path: into.display().to_string(), detail: "already exists".into() });
+        }
+        let mut target = Database::open(into, StoreOptions::default())?;
+        let (mut copied, mut unreadable) = (0, 0);
+        // Row by row: a damaged page costs the rows on it, not the rest.
+        let mut read = source
+            .prepare(&format!("SELECT queue, {COLUMNS} FROM messages WHERE seq = ?1"))
+            .map_err(|e| classify(&shown, e))?;
+        target.write(|ops| {
+            for seq in 1..=last {
+                let row = read.query_row([seq], |r| {
+                    let queue: String = r.get(0)?;
+                    let values: Vec<rusqlite::types::Value> = (1..=16).map(|i| r.get(i)).collect::<Result<_, _>>()?;
+                    Ok((queue, values))
+                });
+                match row {
+                    Ok((queue, values)) => {
+                        ops.restore(&queue, &values)?;
+                        copied += 1;
+                    }
+                    Err(rusqlite::Error::QueryReturnedNoRows) => {}
+                    Err(_) => unreadable += 1,
+                }
+            }
+            ops.renumber()
+        })?;
+        Ok((copied, unreadable))
     }
 
     /// The path it was opened with, for messages.
@@ -139,8 +241,8 @@ impl Database {
         &self.path
     }
 
-    pub fn options(&self) -> QueueOptions {
-        self.options
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
     }
 
     /// Runs `f` in one write transaction; all of it commits or none.
@@ -161,22 +263,27 @@ impl Database {
     ) -> Result<R, QueueError> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(behavior).map_err(|e| classify(&path, e))?;
-        let mut ops = Ops { tx, path: &path, options: self.options, now: now_ms() };
+        let mut ops = Ops { tx, path: &path, options: &self.options, now: now_ms() };
         let result = f(&mut ops)?;
         ops.tx.commit().map_err(|e| classify(&path, e))?;
         Ok(result)
     }
 
-    pub fn send(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<String>, QueueError> {
+    pub fn send(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<Sent>, QueueError> {
         self.write(|ops| ops.send(queue, messages))
     }
 
     pub fn receive(&mut self, queue: &str, max: usize) -> Result<Vec<Received>, QueueError> {
-        self.write(|ops| ops.receive(queue, max))
+        self.write(|ops| ops.receive(queue, SubQueue::Active, max, ReceiveMode::PeekLock))
     }
 
     pub fn settle(&mut self, lock: Lock, how: Settle) -> Result<Settled, QueueError> {
         self.write(|ops| ops.settle(lock, &how))
+    }
+
+    /// Extends a held lock by the queue's lock duration; returns its new end.
+    pub fn renew(&mut self, lock: Lock) -> Result<i64, QueueError> {
+        self.write(|ops| ops.renew(lock))
     }
 
     pub fn depth(&mut self, queue: &str) -> Result<Depth, QueueError> {
@@ -191,9 +298,16 @@ impl Database {
         })
     }
 
-    /// Looks at messages without locking them: live ones, or dead letters.
-    pub fn peek(&mut self, queue: &str, dead: bool, limit: usize) -> Result<Vec<Peeked>, QueueError> {
-        self.read(|ops| ops.peek(queue, dead, limit))
+    /// Looks at up to `limit` messages from sequence number `from` on,
+    /// without locking them.
+    pub fn peek(
+        &mut self,
+        queue: &str,
+        sub: SubQueue,
+        from: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, QueueError> {
+        self.read(|ops| ops.peek(queue, sub, from, limit))
     }
 
     /// Moves dead letters back to the queue as fresh messages (delivery count
@@ -206,13 +320,28 @@ impl Database {
     pub fn purge(&mut self, queue: &str, target: PurgeTarget) -> Result<usize, QueueError> {
         self.write(|ops| ops.purge(queue, target))
     }
+
+    /// Deletes scheduled messages that are not yet visible. Returns how many.
+    pub fn cancel_scheduled(&mut self, queue: &str, sequences: &[i64]) -> Result<usize, QueueError> {
+        self.write(|ops| ops.cancel_scheduled(queue, sequences))
+    }
+
+    /// Locks deferred messages by sequence number.
+    pub fn receive_deferred(
+        &mut self,
+        queue: &str,
+        sub: SubQueue,
+        sequences: &[i64],
+    ) -> Result<Vec<Received>, QueueError> {
+        self.write(|ops| ops.receive_deferred(queue, sub, sequences))
+    }
 }
 
 /// Queue operations inside one transaction.
 pub struct Ops<'a> {
     tx: Transaction<'a>,
     path: &'a str,
-    options: QueueOptions,
+    options: &'a StoreOptions,
     /// One clock reading per transaction, so its operations agree.
     now: i64,
 }
@@ -222,69 +351,112 @@ impl Ops<'_> {
         move |e| classify(self.path, e)
     }
 
-    /// Enqueues messages; returns their ids.
-    pub fn send(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<String>, QueueError> {
-        let mut ids = Vec::with_capacity(messages.len());
+    fn queue_options(&self, queue: &str) -> QueueOptions {
+        self.options.queue(queue)
+    }
+
+    /// Runs `f` as one all-or-nothing step of a larger transaction: a step
+    /// that fails leaves nothing behind, and the others still commit.
+    ///
+    /// Some failures (a full disk, say) make SQLite roll back the whole
+    /// transaction by itself; then nothing before this step stands either,
+    /// and [`Ops::aborted`] says so.
+    pub fn step<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R, QueueError>) -> Result<R, QueueError> {
+        self.tx.execute_batch("SAVEPOINT step").map_err(self.err())?;
+        let result = f(self);
+        if self.aborted() {
+            return result;
+        }
+        let end = if result.is_ok() { "RELEASE step" } else { "ROLLBACK TO step; RELEASE step" };
+        self.tx.execute_batch(end).map_err(self.err())?;
+        result
+    }
+
+    /// True when SQLite has already rolled the transaction back.
+    pub fn aborted(&self) -> bool {
+        self.tx.is_autocommit()
+    }
+
+    /// Enqueues messages; returns their ids and sequence numbers.
+    pub fn send(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<Sent>, QueueError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = i64::try_from(messages.len()).unwrap_or(i64::MAX);
+        let last: i64 = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO queue_sequences (queue, last) VALUES (?1, ?2)
+                 ON CONFLICT(queue) DO UPDATE SET last = last + ?2 RETURNING last",
+            )
+            .and_then(|mut s| s.query_row(params![queue, count], |r| r.get(0)))
+            .map_err(self.err())?;
+        let defaults = self.queue_options(queue);
+        let mut sent = Vec::with_capacity(messages.len());
         let mut insert = self
             .tx
             .prepare_cached(
-                "INSERT INTO messages (queue, id, body, content_type, metadata, enqueued_at, visible_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO messages (queue, id, body, content_type, metadata, enqueued_at, visible_at, expires_at, sequence, amqp)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(|e| classify(self.path, e))?;
-        for m in messages {
+        for (sequence, m) in (last - count + 1..).zip(messages) {
             let id = m.id.filter(|id| !id.is_empty()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let metadata = serde_json::to_string(&m.metadata).unwrap_or_else(|_| "[]".into());
-            let ttl = m.ttl.or(self.options.default_ttl);
+            let ttl = m.ttl.or(defaults.default_ttl);
             let expires = ttl.map(|t| self.now.saturating_add(millis(t)));
             let visible = m.scheduled_at_ms.unwrap_or(self.now).max(self.now);
             insert
-                .execute(params![queue, id, m.body, m.content_type, metadata, self.now, visible, expires])
+                .execute(params![
+                    queue,
+                    id,
+                    m.body,
+                    m.content_type,
+                    metadata,
+                    self.now,
+                    visible,
+                    expires,
+                    sequence,
+                    m.amqp
+                ])
                 .map_err(|e| classify(self.path, e))?;
-            ids.push(id);
+            sent.push(Sent { id, sequence });
         }
-        Ok(ids)
+        Ok(sent)
     }
 
-    /// Locks up to `max` visible messages for the lock duration. Expired
-    /// messages and those out of deliveries are dead-lettered on the way.
-    pub fn receive(&mut self, queue: &str, max: usize) -> Result<Vec<Received>, QueueError> {
+    /// Locks (or, in receive-and-delete mode, takes) up to `max` visible
+    /// messages. Expired messages and those out of deliveries are
+    /// dead-lettered on the way.
+    pub fn receive(
+        &mut self,
+        queue: &str,
+        sub: SubQueue,
+        max: usize,
+        mode: ReceiveMode,
+    ) -> Result<Vec<Received>, QueueError> {
+        let options = self.queue_options(queue);
         let mut got = Vec::new();
-        let lock_until = self.now.saturating_add(millis(self.options.lock_duration));
         loop {
             let want = max.saturating_sub(got.len());
             if want == 0 {
                 break;
             }
-            let candidates = self.visible(queue, want)?;
+            let candidates = self.visible(queue, sub, want)?;
             if candidates.is_empty() {
                 break;
             }
             let mut swept = false;
-            for c in candidates {
-                if c.expires_at.is_some_and(|t| t <= self.now) {
-                    self.dead_letter(c.seq, TTL_EXPIRED, "the message's time-to-live expired before it was consumed")?;
+            for (seq, message) in candidates {
+                let live = sub == SubQueue::Active;
+                if live && message.expires_at_ms.is_some_and(|t| t <= self.now) {
+                    self.expire(seq, options)?;
                     swept = true;
-                } else if c.delivery_count >= i64::from(self.options.max_delivery_count) {
-                    self.dead_letter(c.seq, MAX_DELIVERIES, "the lock expired after the last allowed delivery")?;
+                } else if live && message.delivery_count >= options.max_delivery_count {
+                    self.dead_letter(seq, MAX_DELIVERIES, "the lock expired after the last allowed delivery")?;
                     swept = true;
                 } else {
-                    let token = new_token();
-                    self.tx
-                        .prepare_cached(
-                            "UPDATE messages SET lock_token = ?1, visible_at = ?2, delivery_count = delivery_count + 1 WHERE seq = ?3",
-                        )
-                        .and_then(|mut s| s.execute(params![token, lock_until, c.seq]))
-                        .map_err(self.err())?;
-                    got.push(Received {
-                        lock: Lock { seq: c.seq, token },
-                        id: c.id,
-                        body: c.body,
-                        content_type: c.content_type,
-                        metadata: c.metadata,
-                        delivery_count: u32::try_from(c.delivery_count + 1).unwrap_or(u32::MAX),
-                        enqueued_at_ms: c.enqueued_at,
-                    });
+                    got.push(self.lock(seq, message, options, mode)?);
                 }
             }
             if !swept {
@@ -294,51 +466,90 @@ impl Ops<'_> {
         Ok(got)
     }
 
-    fn visible(&mut self, queue: &str, limit: usize) -> Result<Vec<Candidate>, QueueError> {
+    /// Takes one candidate: locks it, or deletes it in receive-and-delete mode.
+    fn lock(
+        &mut self,
+        seq: i64,
+        mut message: StoredMessage,
+        options: QueueOptions,
+        mode: ReceiveMode,
+    ) -> Result<Received, QueueError> {
+        let token = new_token();
+        let locked_until = self.now.saturating_add(millis(options.lock_duration));
+        match mode {
+            ReceiveMode::PeekLock => self
+                .tx
+                .prepare_cached(
+                    "UPDATE messages SET lock_token = ?1, visible_at = ?2, delivery_count = delivery_count + 1 WHERE seq = ?3",
+                )
+                .and_then(|mut s| s.execute(params![token, locked_until, seq])),
+            ReceiveMode::ReceiveAndDelete => {
+                self.tx.prepare_cached("DELETE FROM messages WHERE seq = ?1").and_then(|mut s| s.execute([seq]))
+            }
+        }
+        .map_err(self.err())?;
+        message.delivery_count = message.delivery_count.saturating_add(1);
+        if message.state != MessageState::DeadLettered {
+            message.state = MessageState::Locked;
+        }
+        Ok(Received { lock: Lock { seq, token }, locked_until_ms: locked_until, message })
+    }
+
+    fn visible(&mut self, queue: &str, sub: SubQueue, limit: usize) -> Result<Vec<(i64, StoredMessage)>, QueueError> {
+        let dead = sub == SubQueue::DeadLetter;
+        let now = self.now;
         let mut stmt = self
             .tx
-            .prepare_cached(
-                "SELECT seq, id, body, content_type, metadata, enqueued_at, expires_at, delivery_count
-                 FROM messages WHERE queue = ?1 AND dead = 0 AND visible_at <= ?2 ORDER BY seq LIMIT ?3",
-            )
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM messages
+                 WHERE queue = ?1 AND dead = ?2 AND deferred = 0 AND visible_at <= ?3 ORDER BY seq LIMIT ?4"
+            ))
             .map_err(|e| classify(self.path, e))?;
         let rows = stmt
-            .query_map(params![queue, self.now, limit as i64], |r| {
-                Ok(Candidate {
-                    seq: r.get(0)?,
-                    id: r.get(1)?,
-                    body: r.get(2)?,
-                    content_type: r.get(3)?,
-                    metadata: parse_metadata(&r.get::<_, String>(4)?),
-                    enqueued_at: r.get(5)?,
-                    expires_at: r.get(6)?,
-                    delivery_count: r.get(7)?,
-                })
-            })
+            .query_map(params![queue, dead, now, limit as i64], |r| stored(r, now))
             .map_err(|e| classify(self.path, e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| classify(self.path, e))
     }
 
-    /// Settles a message whose lock is still held.
-    pub fn settle(&mut self, lock: Lock, how: &Settle) -> Result<Settled, QueueError> {
-        let held: Option<(String, i64)> = self
+    /// The message a lock holds, if the lock is still held:
+    /// `(id, deliveries, dead, queue)`.
+    fn held(&mut self, lock: Lock) -> Result<(String, i64, bool, String), QueueError> {
+        let held = self
             .tx
             .prepare_cached(
-                "SELECT id, delivery_count FROM messages
-                 WHERE seq = ?1 AND lock_token = ?2 AND visible_at > ?3 AND dead = 0",
+                "SELECT id, delivery_count, dead, queue FROM messages WHERE seq = ?1 AND lock_token = ?2 AND visible_at > ?3",
             )
             .and_then(|mut s| {
-                s.query_row(params![lock.seq, lock.token, self.now], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+                s.query_row(params![lock.seq, lock.token, self.now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()
             })
             .map_err(self.err())?;
-        let Some((_id, deliveries)) = held else {
-            let id = self
-                .tx
-                .query_row("SELECT id FROM messages WHERE seq = ?1", [lock.seq], |r| r.get(0))
-                .optional()
-                .map_err(self.err())?
-                .unwrap_or_else(|| format!("#{}", lock.seq));
-            return Err(QueueError::LockLost { id });
+        match held {
+            Some(found) => Ok(found),
+            None => {
+                let id: Option<String> = self
+                    .tx
+                    .query_row("SELECT id FROM messages WHERE seq = ?1", [lock.seq], |r| r.get(0))
+                    .optional()
+                    .map_err(self.err())?;
+                Err(match id {
+                    Some(id) => QueueError::LockLost { id },
+                    None => QueueError::Gone { row: lock.seq },
+                })
+            }
+        }
+    }
+
+    /// Settles a message whose lock is still held.
+    pub fn settle(&mut self, lock: Lock, how: &Settle) -> Result<Settled, QueueError> {
+        let (_id, deliveries, dead, queue) = self.held(lock)?;
+        let unlock = |ops: &mut Self, visible: i64, extra: &str| {
+            ops.tx
+                .prepare_cached(&format!(
+                    "UPDATE messages SET lock_token = NULL, visible_at = ?1{extra} WHERE seq = ?2"
+                ))
+                .and_then(|mut s| s.execute(params![visible, lock.seq]))
+                .map_err(ops.err())
         };
         match how {
             Settle::Complete => {
@@ -349,31 +560,66 @@ impl Ops<'_> {
                 Ok(Settled::Completed)
             }
             Settle::Abandon { delay, reason } => {
-                if deliveries >= i64::from(self.options.max_delivery_count) {
+                let max = i64::from(self.queue_options(&queue).max_delivery_count);
+                if !dead && deliveries >= max {
                     let why = format!("abandoned after {deliveries} deliveries; last failure: {reason}");
                     self.dead_letter(lock.seq, MAX_DELIVERIES, &why)?;
                     return Ok(Settled::DeadLettered);
                 }
-                let visible = self.now.saturating_add(millis(*delay));
-                self.tx
-                    .prepare_cached("UPDATE messages SET lock_token = NULL, visible_at = ?1 WHERE seq = ?2")
-                    .and_then(|mut s| s.execute(params![visible, lock.seq]))
-                    .map_err(self.err())?;
+                unlock(self, self.now.saturating_add(millis(*delay)), "")?;
                 Ok(Settled::Abandoned)
             }
-            Settle::DeadLetter { reason, description } => {
+            Settle::DeadLetter { reason, description } if !dead => {
                 self.dead_letter(lock.seq, reason, description)?;
                 Ok(Settled::DeadLettered)
             }
+            // Already a dead letter: it stays one, visible to the next reader.
+            Settle::DeadLetter { .. } => {
+                unlock(self, self.now, "")?;
+                Ok(Settled::DeadLettered)
+            }
+            Settle::Release => {
+                unlock(self, self.now, ", delivery_count = max(delivery_count - 1, 0)")?;
+                Ok(Settled::Released)
+            }
+            Settle::Defer => {
+                unlock(self, self.now, ", deferred = 1")?;
+                Ok(Settled::Deferred)
+            }
         }
+    }
+
+    /// Extends a held lock by its queue's lock duration.
+    pub fn renew(&mut self, lock: Lock) -> Result<i64, QueueError> {
+        let (_, _, _, queue) = self.held(lock)?;
+        let until = self.now.saturating_add(millis(self.queue_options(&queue).lock_duration));
+        self.tx
+            .prepare_cached("UPDATE messages SET visible_at = ?1 WHERE seq = ?2")
+            .and_then(|mut s| s.execute(params![until, lock.seq]))
+            .map_err(self.err())?;
+        Ok(until)
     }
 
     fn dead_letter(&mut self, seq: i64, reason: &str, description: &str) -> Result<(), QueueError> {
         self.tx
             .prepare_cached(
-                "UPDATE messages SET dead = 1, lock_token = NULL, dl_reason = ?1, dl_description = ?2, dl_at = ?3 WHERE seq = ?4",
+                "UPDATE messages SET dead = 1, deferred = 0, lock_token = NULL, visible_at = ?3,
+                        dl_reason = ?1, dl_description = ?2, dl_at = ?3 WHERE seq = ?4",
             )
             .and_then(|mut s| s.execute(params![reason, description, self.now, seq]))
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// A message whose time to live ran out: dead-lettered or dropped, as the
+    /// queue says.
+    fn expire(&mut self, seq: i64, options: QueueOptions) -> Result<(), QueueError> {
+        if options.dead_letter_on_expiry {
+            return self.dead_letter(seq, TTL_EXPIRED, "the message's time-to-live expired before it was consumed");
+        }
+        self.tx
+            .prepare_cached("DELETE FROM messages WHERE seq = ?1")
+            .and_then(|mut s| s.execute([seq]))
             .map_err(self.err())?;
         Ok(())
     }
@@ -383,19 +629,22 @@ impl Ops<'_> {
         self.tx
             .prepare_cached(
                 "SELECT
-                   coalesce(sum(dead = 0 AND visible_at <= ?2), 0),
+                   coalesce(sum(dead = 0 AND deferred = 0 AND visible_at <= ?2), 0),
                    coalesce(sum(dead = 0 AND visible_at > ?2 AND lock_token IS NOT NULL), 0),
-                   coalesce(sum(dead = 0 AND visible_at > ?2 AND lock_token IS NULL), 0),
+                   coalesce(sum(dead = 0 AND deferred = 0 AND visible_at > ?2 AND lock_token IS NULL), 0),
+                   coalesce(sum(dead = 0 AND deferred = 1 AND NOT (visible_at > ?2 AND lock_token IS NOT NULL)), 0),
                    coalesce(sum(dead = 1), 0)
                  FROM messages WHERE queue = ?1",
             )
             .and_then(|mut s| {
                 s.query_row(params![queue, now], |r| {
+                    let count = |i: usize| r.get::<_, i64>(i).map(|n| n.max(0) as u64);
                     Ok(Depth {
-                        active: r.get::<_, i64>(0)?.max(0) as u64,
-                        locked: r.get::<_, i64>(1)?.max(0) as u64,
-                        scheduled: r.get::<_, i64>(2)?.max(0) as u64,
-                        dead_lettered: r.get::<_, i64>(3)?.max(0) as u64,
+                        active: count(0)?,
+                        locked: count(1)?,
+                        scheduled: count(2)?,
+                        deferred: count(3)?,
+                        dead_lettered: count(4)?,
                     })
                 })
             })
@@ -408,43 +657,25 @@ impl Ops<'_> {
         names.collect::<Result<Vec<String>, _>>().map_err(|e| classify(self.path, e))
     }
 
-    pub fn peek(&mut self, queue: &str, dead: bool, limit: usize) -> Result<Vec<Peeked>, QueueError> {
+    pub fn peek(
+        &mut self,
+        queue: &str,
+        sub: SubQueue,
+        from: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, QueueError> {
         let now = self.now;
         let mut stmt = self
             .tx
-            .prepare(
-                "SELECT seq, id, body, content_type, metadata, enqueued_at, delivery_count, visible_at, lock_token,
-                        dl_reason, dl_description
-                 FROM messages WHERE queue = ?1 AND dead = ?2 ORDER BY seq LIMIT ?3",
-            )
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM messages WHERE queue = ?1 AND dead = ?2 AND sequence >= ?3
+                 ORDER BY sequence LIMIT ?4"
+            ))
             .map_err(self.err())?;
         let rows = stmt
-            .query_map(params![queue, dead, limit as i64], |r| {
-                let body: Vec<u8> = r.get(2)?;
-                let visible_at: i64 = r.get(7)?;
-                let locked: Option<i64> = r.get(8)?;
-                let state = match (dead, visible_at <= now, locked.is_some()) {
-                    (true, _, _) => "dead-lettered",
-                    (false, true, _) => "active",
-                    (false, false, true) => "locked",
-                    (false, false, false) => "scheduled",
-                };
-                Ok(Peeked {
-                    sequence: r.get(0)?,
-                    id: r.get(1)?,
-                    body_preview: preview(&body),
-                    body_bytes: body.len(),
-                    content_type: r.get(3)?,
-                    metadata: parse_metadata(&r.get::<_, String>(4)?),
-                    enqueued_at_ms: r.get(5)?,
-                    delivery_count: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(u32::MAX),
-                    state,
-                    dead_letter_reason: r.get(9)?,
-                    dead_letter_description: r.get(10)?,
-                })
-            })
+            .query_map(params![queue, sub == SubQueue::DeadLetter, from, limit as i64], |r| stored(r, now))
             .map_err(|e| classify(self.path, e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| classify(self.path, e))
+        rows.map(|r| r.map(|(_, m)| m)).collect::<Result<Vec<_>, _>>().map_err(|e| classify(self.path, e))
     }
 
     pub fn requeue(&mut self, queue: &str, ids: &[String]) -> Result<usize, QueueError> {
@@ -471,29 +702,112 @@ impl Ops<'_> {
         };
         self.tx.execute(sql, [queue]).map_err(self.err())
     }
+
+    /// Writes back a message read with `queue, COLUMNS` (salvage): unlocked,
+    /// everything else as it was.
+    fn restore(&mut self, queue: &str, v: &[rusqlite::types::Value]) -> Result<(), QueueError> {
+        // COLUMNS: seq id body content_type metadata enqueued_at expires_at delivery_count visible_at
+        //          lock_token dead dl_reason dl_description sequence deferred amqp
+        self.tx
+            .execute(
+                "INSERT INTO messages (queue, id, body, content_type, metadata, enqueued_at, expires_at, delivery_count,
+                                       visible_at, dead, dl_reason, dl_description, sequence, deferred, amqp)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                params![queue, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[10], v[11], v[12], v[13], v[14], v[15]],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Sets each queue's last sequence number from what it holds.
+    fn renumber(&mut self) -> Result<(), QueueError> {
+        self.tx
+            .execute_batch(
+                "INSERT OR REPLACE INTO queue_sequences (queue, last) SELECT queue, max(sequence) FROM messages GROUP BY queue",
+            )
+            .map_err(self.err())
+    }
+
+    /// Deletes scheduled messages by sequence number while they still wait
+    /// for their time (never delivered, not locked).
+    pub fn cancel_scheduled(&mut self, queue: &str, sequences: &[i64]) -> Result<usize, QueueError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM messages WHERE queue = ?1 AND sequence = ?2 AND dead = 0 AND deferred = 0
+                 AND lock_token IS NULL AND delivery_count = 0 AND visible_at > ?3",
+            )
+            .map_err(self.err())?;
+        let mut removed = 0;
+        for sequence in sequences {
+            removed += stmt.execute(params![queue, sequence, self.now]).map_err(|e| classify(self.path, e))?;
+        }
+        Ok(removed)
+    }
+
+    /// Locks deferred messages by sequence number; unknown, not deferred or
+    /// already locked ones are skipped.
+    pub fn receive_deferred(
+        &mut self,
+        queue: &str,
+        sub: SubQueue,
+        sequences: &[i64],
+    ) -> Result<Vec<Received>, QueueError> {
+        let options = self.queue_options(queue);
+        let now = self.now;
+        let mut got = Vec::new();
+        for sequence in sequences {
+            let found = self
+                .tx
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM messages
+                     WHERE queue = ?1 AND dead = ?2 AND sequence = ?3 AND deferred = 1 AND visible_at <= ?4"
+                ))
+                .and_then(|mut s| {
+                    s.query_row(params![queue, sub == SubQueue::DeadLetter, sequence, now], |r| stored(r, now))
+                        .optional()
+                })
+                .map_err(self.err())?;
+            if let Some((seq, message)) = found {
+                got.push(self.lock(seq, message, options, ReceiveMode::PeekLock)?);
+            }
+        }
+        Ok(got)
+    }
 }
 
-struct Candidate {
-    seq: i64,
-    id: String,
-    body: Vec<u8>,
-    content_type: Option<String>,
-    metadata: Vec<(String, String)>,
-    enqueued_at: i64,
-    expires_at: Option<i64>,
-    delivery_count: i64,
+/// A message row read with [`COLUMNS`], as `(row id, message)`.
+fn stored(r: &Row<'_>, now: i64) -> rusqlite::Result<(i64, StoredMessage)> {
+    let visible_at: i64 = r.get(8)?;
+    let locked: Option<i64> = r.get(9)?;
+    let dead: bool = r.get(10)?;
+    let deferred: bool = r.get(14)?;
+    let state = match (dead, deferred, visible_at <= now, locked.is_some()) {
+        (true, ..) => MessageState::DeadLettered,
+        (false, _, false, true) => MessageState::Locked,
+        (false, true, ..) => MessageState::Deferred,
+        (false, false, true, _) => MessageState::Active,
+        (false, false, false, false) => MessageState::Scheduled,
+    };
+    let message = StoredMessage {
+        id: r.get(1)?,
+        body: r.get(2)?,
+        content_type: r.get(3)?,
+        metadata: parse_metadata(&r.get::<_, String>(4)?),
+        enqueued_at_ms: r.get(5)?,
+        expires_at_ms: r.get(6)?,
+        delivery_count: u32::try_from(r.get::<_, i64>(7)?).unwrap_or(u32::MAX),
+        state,
+        dead_letter_reason: r.get(11)?,
+        dead_letter_description: r.get(12)?,
+        sequence: r.get(13)?,
+        amqp: r.get(15)?,
+    };
+    Ok((r.get(0)?, message))
 }
 
 fn parse_metadata(json: &str) -> Vec<(String, String)> {
     serde_json::from_str(json).unwrap_or_default()
-}
-
-fn preview(body: &[u8]) -> String {
-    let shown = &body[..body.len().min(120)];
-    match std::str::from_utf8(shown) {
-        Ok(text) => text.to_string(),
-        Err(_) => format!("<{} bytes of binary>", body.len()),
-    }
 }
 
 fn millis(d: Duration) -> i64 {

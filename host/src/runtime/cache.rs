@@ -5,8 +5,13 @@
 //! artifact ahead of it. An entry that is truncated, corrupt or from another
 //! engine is ignored, removed and rebuilt, never deserialized on trust.
 //!
-//! Deserializing an artifact runs native code it contains: the cache
-//! directory must be writable by the host alone (it is created 0700).
+//! Deserializing an artifact runs native code it contains, so entries live
+//! only in a directory that this user owns and nobody else may write. A
+//! Kubernetes `emptyDir` with an `fsGroup` is owned by root, group-owned by
+//! the fsGroup and mode 2777: the host may not chmod it, and others may
+//! write to it. There the cache uses a subdirectory it creates for itself
+//! (`wasm-pc-<uid>`, mode 0700). A cache that cannot be prepared never stops
+//! the host: the caller warns and compiles without one.
 
 use std::fs;
 use std::hash::{Hash, Hasher};
@@ -38,22 +43,36 @@ pub struct ArtifactCache {
     engine_key: String,
 }
 
+/// Why a cache directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot create {path}: {source}")]
+    Create { path: String, source: std::io::Error },
+    #[error("{path} is owned by uid {owner}, not by this user (uid {uid})")]
+    NotOwned { path: String, owner: u32, uid: u32 },
+    #[error("cannot restrict {path} to this user: {source}")]
+    Permissions { path: String, source: std::io::Error },
+    #[error("{path} is not a directory")]
+    NotADirectory { path: String },
+}
+
 impl ArtifactCache {
-    /// Opens (and creates) the cache directory for `engine`.
-    pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        }
+    /// Opens the cache under `dir` for `engine`: `dir` itself when this user
+    /// owns it (it is restricted to 0700), else a private subdirectory of it.
+    pub fn open(dir: &Path, engine: &Engine) -> Result<Self, CacheError> {
+        let dir = private_dir(dir)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(ArtifactCache { dir: dir.to_path_buf(), engine_key: format!("{:016x}", hasher.finish()) })
+        Ok(ArtifactCache { dir, engine_key: format!("{:016x}", hasher.finish()) })
+    }
+
+    /// The directory entries are written to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Where the entry for a module with this hash lives.
-    pub fn path_for(&self, module_hash: &[u8; 32]) -> PathBuf {
+    fn path_for(&self, module_hash: &[u8; 32]) -> PathBuf {
         self.dir.join(format!("{}-{}.cwasm", hex::encode(module_hash), self.engine_key))
     }
 
@@ -112,4 +131,45 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, fs::File)> {
     let path = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
     let file = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
     Ok((path, file))
+}
+
+/// A directory under `dir` that only this user can write: `dir` itself if we
+/// own it, else `dir/wasm-pc-<uid>`.
+#[cfg(unix)]
+fn private_dir(dir: &Path) -> Result<PathBuf, CacheError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let shown = |p: &Path| p.display().to_string();
+    let create = |p: &Path| {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(p)
+            .map_err(|source| CacheError::Create { path: shown(p), source })
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    create(dir)?;
+    let meta = fs::metadata(dir).map_err(|source| CacheError::Create { path: shown(dir), source })?;
+    let chosen = if meta.uid() == uid { dir.to_path_buf() } else { dir.join(format!("wasm-pc-{uid}")) };
+    create(&chosen)?;
+    // symlink_metadata: a link planted in a shared directory is refused, not followed.
+    let meta = fs::symlink_metadata(&chosen).map_err(|source| CacheError::Create { path: shown(&chosen), source })?;
+    if !meta.is_dir() {
+        return Err(CacheError::NotADirectory { path: shown(&chosen) });
+    }
+    if meta.uid() != uid {
+        return Err(CacheError::NotOwned { path: shown(&chosen), owner: meta.uid(), uid });
+    }
+    if meta.mode() & 0o077 != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&chosen, fs::Permissions::from_mode(0o700))
+            .map_err(|source| CacheError::Permissions { path: shown(&chosen), source })?;
+    }
+    Ok(chosen)
+}
+
+#[cfg(not(unix))]
+fn private_dir(dir: &Path) -> Result<PathBuf, CacheError> {
+    fs::create_dir_all(dir).map_err(|source| CacheError::Create { path: dir.display().to_string(), source })?;
+    Ok(dir.to_path_buf())
 }

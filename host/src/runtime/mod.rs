@@ -14,6 +14,7 @@ pub mod bindings;
 mod cache;
 pub mod limits;
 mod module;
+pub mod outbound;
 mod state;
 mod stdio;
 mod warm;
@@ -27,7 +28,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 
 pub use bindings::types::{ConsumeError, Message, Request, Response};
-pub use cache::{ArtifactCache, CacheStatus};
+pub use cache::{ArtifactCache, CacheError, CacheStatus};
 pub use limits::{LimitExceeded, Limits, Resource};
 pub use module::{LoadError, LoadErrorKind, ModuleInfo, ModuleSpec, World, content_hash};
 pub use state::HostState;
@@ -37,7 +38,7 @@ use state::GuestContext;
 pub use warm::Linked;
 use warm::{IdleList, Lease, Registry, Warm};
 
-use crate::outbound::Outbound;
+use crate::runtime::outbound::Outbound;
 
 /// How often the epoch advances: the granularity of timeouts, and how often a
 /// running guest yields to other tasks.
@@ -169,13 +170,17 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Consumer::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
 
-        let cache = match &options.cache_dir {
-            Some(dir) => Some(
-                ArtifactCache::open(dir, &engine)
-                    .map_err(|e| anyhow::anyhow!("cannot use artifact cache directory {}: {e}", dir.display()))?,
-            ),
-            None => None,
-        };
+        // The cache only saves compile time: never a reason not to start.
+        let cache = options.cache_dir.as_deref().and_then(|dir| match ArtifactCache::open(dir, &engine) {
+            Ok(cache) => {
+                tracing::debug!(dir = %cache.dir().display(), "artifact cache");
+                Some(cache)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "artifact cache unusable; modules are compiled at every start");
+                None
+            }
+        });
 
         spawn_epoch_ticker(&engine);
         Ok(Runtime {
@@ -350,10 +355,11 @@ impl Runtime {
     ) -> Result<R, InvokeError> {
         lease.store.data().flush_output();
         let reused = lease.reused();
+        let spent = lease.store.data().time_spent(self.limits.timeout);
         if matches!(result, Ok(Ok(_))) {
             module.warm.give_back(lease);
         }
-        let outcome = self.settle(&module.info, "handle", result);
+        let outcome = self.settle(&module.info, "handle", result, spent);
         if let Err(InvokeError { kind: FailureKind::ResourceLimit { resource: Resource::Pool, .. }, .. }) = &outcome {
             // Idle instances hold slots; give them up so the redelivery fits.
             let freed = self.warm.clear_all();
@@ -371,11 +377,14 @@ impl Runtime {
         info: &ModuleInfo,
         function: &'static str,
         result: Result<Result<R, Phase>, tokio::time::error::Elapsed>,
+        spent: TimeSpent,
     ) -> Result<R, InvokeError> {
         let kind = match result {
             Ok(Ok(value)) => return Ok(value),
-            Err(_) => FailureKind::Timeout(self.limits.timeout),
-            Ok(Err(phase)) => classify(phase, self.limits.timeout),
+            // The outer timer fires when the guest waits in a host call:
+            // wasm is not running, so the epoch cannot interrupt it.
+            Err(_) => FailureKind::Timeout(spent),
+            Ok(Err(phase)) => classify(phase, spent),
         };
         let error = InvokeError { module: info.label().to_string(), function, kind };
         tracing::warn!(%error, "invocation failed");
@@ -389,7 +398,7 @@ enum Phase {
     Call(wasmtime::Error),
 }
 
-fn classify(phase: Phase, timeout: Duration) -> FailureKind {
+fn classify(phase: Phase, spent: TimeSpent) -> FailureKind {
     let (error, instantiating) = match phase {
         Phase::Instantiate(e) => (e, true),
         Phase::Call(e) => (e, false),
@@ -401,7 +410,7 @@ fn classify(phase: Phase, timeout: Duration) -> FailureKind {
         return FailureKind::ResourceLimit { resource: Resource::Pool, detail: pool.to_string() };
     }
     match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => return FailureKind::Timeout(timeout),
+        Some(Trap::Interrupt) => return FailureKind::Timeout(spent),
         Some(Trap::StackOverflow) => {
             return FailureKind::ResourceLimit { resource: Resource::Stack, detail: "call stack exhausted".into() };
         }
@@ -436,9 +445,9 @@ pub enum FailureKind {
     /// The guest trapped: a panic, `unreachable`, an out-of-bounds access.
     #[error("trapped: {0}")]
     Trap(String),
-    /// The guest ran past its wall-time limit and was interrupted.
-    #[error("interrupted after the {0:?} time limit")]
-    Timeout(Duration),
+    /// The invocation ran past its wall-time limit and was interrupted.
+    #[error("interrupted: {0}")]
+    Timeout(TimeSpent),
     /// The guest hit a memory, table, stack or instance limit, or the host is
     /// at its concurrency limit.
     #[error("{resource} limit reached: {detail}")]
@@ -446,6 +455,43 @@ pub enum FailureKind {
     /// The module could not be instantiated.
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+}
+
+/// Where a timed-out invocation's time went: guest code, or waiting on the
+/// host (a send to a sidecar that does not answer is not the guest's fault).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeSpent {
+    pub limit: Duration,
+    /// Time in host calls (sends), the running one included.
+    pub in_host_calls: Duration,
+    /// The host call it was waiting in when the time ran out, if any.
+    pub waiting_on: Option<String>,
+}
+
+impl TimeSpent {
+    /// Whether the time ran out while the guest waited on the host.
+    pub fn in_host_call(&self) -> bool {
+        self.waiting_on.is_some()
+    }
+}
+
+impl std::fmt::Display for TimeSpent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = self.in_host_calls.as_secs_f64();
+        match &self.waiting_on {
+            Some(call) => {
+                write!(
+                    f,
+                    "the {:?} time limit ran out waiting on the host in {call} ({host:.2} s in host calls)",
+                    self.limit
+                )
+            }
+            None if host > 0.0 => {
+                write!(f, "the {:?} time limit ran out in guest code ({host:.2} s of it in host calls)", self.limit)
+            }
+            None => write!(f, "the {:?} time limit ran out in guest code", self.limit),
+        }
+    }
 }
 
 fn spawn_epoch_ticker(engine: &Engine) {

@@ -96,11 +96,6 @@ pub struct ModuleInfo {
 }
 
 impl ModuleInfo {
-    /// The first 12 hex digits of the content hash.
-    pub fn short_hash(&self) -> String {
-        hex::encode(&self.hash[..6])
-    }
-
     /// `name@version+hash` (or `name@hash`): how logs, metrics and health name it.
     pub fn label(&self) -> &str {
         &self.guest.label

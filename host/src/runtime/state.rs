@@ -11,7 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::{config, log, outbound, types};
 use super::limits::{Limiter, Limits};
 use super::stdio::Captured;
-use crate::outbound::Outbound;
+use crate::runtime::outbound::Outbound;
 
 /// Most log lines one invocation may write; a chatty guest cannot flood logs.
 const MAX_LOG_LINES: u32 = 1_000;
@@ -39,6 +39,11 @@ pub struct HostState {
     log_lines: u32,
     /// When the current invocation must end.
     deadline: Instant,
+    /// Time this invocation spent waiting on host calls, so a timeout says
+    /// where the time went.
+    host_time: std::time::Duration,
+    /// The host call running now, and since when.
+    in_host_call: Option<(String, Instant)>,
 }
 
 impl HostState {
@@ -64,6 +69,8 @@ impl HostState {
             stderr,
             log_lines: 0,
             deadline,
+            host_time: std::time::Duration::ZERO,
+            in_host_call: None,
         }
     }
 
@@ -73,6 +80,17 @@ impl HostState {
         self.outbound = outbound;
         self.deadline = deadline;
         self.log_lines = 0;
+        self.host_time = std::time::Duration::ZERO;
+        self.in_host_call = None;
+    }
+
+    /// Where the invocation's time went, for a timeout's report.
+    pub(super) fn time_spent(&self, limit: std::time::Duration) -> super::TimeSpent {
+        let (waiting_on, running) = match &self.in_host_call {
+            Some((call, since)) => (Some(call.clone()), since.elapsed()),
+            None => (None, std::time::Duration::ZERO),
+        };
+        super::TimeSpent { limit, in_host_calls: self.host_time + running, waiting_on }
     }
 
     /// When the current invocation must end.
@@ -101,7 +119,11 @@ impl outbound::Host for HostState {
             message.id = Some(uuid::Uuid::new_v4().to_string());
         }
         let outbound = Arc::clone(&self.outbound);
+        let started = Instant::now();
+        self.in_host_call = Some((format!("outbound.send to {binding}"), started));
         let result = outbound.send(&binding, message).await;
+        self.in_host_call = None;
+        self.host_time += started.elapsed();
         if let Err(error) = &result {
             tracing::debug!(module = %self.guest.label, %binding, ?error, "guest send failed");
         }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
 use crate::process::{Running, command};
-use crate::sidecar::{Broker, Config, Event, Input, SbMessage, Sidecar, eventually};
+use crate::sidecar::{Broker, Config, Event, Input, PubSubConfig, PubSubOutcome, SbMessage, Sidecar, eventually};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -288,9 +288,28 @@ async fn tokens_are_required_both_ways() {
     assert_eq!(status, 502, "the guest saw `rejected`: {}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("401"));
     let good = Host::start("producer", guarded.port(), &outbox, &[("DAPR_API_TOKEN", "dapr-secret")]);
-    let (status, _) = request(good.port, "POST", "/produce", &[("content-type", "application/json")], batch).await;
+    let (status, _) =
+        request(good.port, "POST", "/produce", &[("content-type", "application/json")], batch.clone()).await;
     assert_eq!(status, 202);
     assert_eq!(broker.messages("outbox").iter().filter(|m| m.id == "x-1").count(), 1);
+
+    // client -> producer route: WASM_PC_PRODUCE_TOKEN.
+    let env = [("DAPR_API_TOKEN", "dapr-secret"), ("WASM_PC_PRODUCE_TOKEN", "produce-secret")];
+    let closed = Host::start("producer", guarded.port(), &outbox, &env);
+    let json = ("content-type", "application/json");
+    for auth in [None, Some("Bearer wrong"), Some("produce-secret"), Some("Basic produce-secret")] {
+        let headers: Vec<(&str, &str)> = [json].into_iter().chain(auth.map(|a| ("authorization", a))).collect();
+        let (status, _) = request(closed.port, "POST", "/produce", &headers, batch.clone()).await;
+        assert_eq!(status, 401, "{auth:?}");
+    }
+    let headers = [json, ("authorization", "Bearer produce-secret")];
+    assert_eq!(request(closed.port, "POST", "/produce", &headers, batch).await.0, 202);
+    assert_eq!(request(closed.port, "GET", "/readyz", &[], vec![]).await.0, 200, "probes need no token");
+    assert_eq!(
+        broker.messages("outbox").iter().filter(|m| m.id == "x-1").count(),
+        2,
+        "only the authorised one was sent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -399,4 +418,327 @@ async fn instance_reuse_is_set_from_the_environment_and_zero_is_refused() {
     assert_eq!(refused.status.code(), Some(2), "a usage error");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--instance-reuse"), "{stderr}");
+}
+
+/// A new pod whose ConfigMap holds a module the host refuses (a bad push
+/// that reached a scale-out) must not crash-loop or take deliveries: it
+/// stays up, says why in `/readyz`, and goes live when a good file lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_started_with_a_refused_module_stays_up_unready_until_one_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("consumer.wasm"), b"\0asm but not really").unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+    let mut host =
+        Host::start("consumer", 1, &["--modules-dir", dir_arg, "--rescan-secs", "0.2"], &[("WASM_PC_LOG", "info")]);
+
+    assert_eq!(request(host.port, "GET", "/healthz", &[], vec![]).await.0, 200, "alive: no restart loop");
+    let (status, body) = request(host.port, "GET", "/readyz", &[], vec![]).await;
+    let readyz: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 503, "{readyz}");
+    let reason = readyz["reason"].as_str().unwrap();
+    assert!(reason.starts_with("no consumer module is live: ") && reason.contains("consumer"), "{reason}");
+    assert!(readyz["reload"][0]["live"].is_null(), "{readyz}");
+    let headers = [("content-type", "application/json"), ("id", "early")];
+    let (status, _) = request(host.port, "POST", "/orders", &headers, order("early").to_string().into_bytes()).await;
+    assert_eq!(status, 500, "a delivery that slips in is refused (redelivered), never acknowledged");
+
+    // A good module lands, as a ConfigMap update would bring it.
+    let tmp = dir.path().join(".consumer.tmp");
+    std::fs::write(&tmp, crate::guests::bytes("consumer")).unwrap();
+    std::fs::rename(&tmp, dir.path().join("consumer.wasm")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while request(host.port, "GET", "/readyz", &[], vec![]).await.0 != 200 {
+        assert!(Instant::now() < deadline, "never became ready after a good module landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let headers = [("content-type", "application/json"), ("id", "late")];
+    let (status, body) = request(host.port, "POST", "/orders", &headers, order("late").to_string().into_bytes()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(host.terminate().code(), Some(0));
+}
+
+/// A delivery whose client goes away mid-way (daprd cancelled it, a
+/// connection broke) is no longer in flight: the count is kept by a guard,
+/// not by code after an `.await` that never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_by_its_client_is_no_longer_counted_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let host = Host::start("consumer", 1, &["--consumer-file", "faulty.wasm"], &[]);
+    let body = b"sleep:1500";
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", host.port)).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nid: gone\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(host.port, "wasm_pc_in_flight").await != 1 {
+        assert!(Instant::now() < deadline, "the delivery never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(host.port, "wasm_pc_in_flight").await != 0 {
+        assert!(Instant::now() < deadline, "the dropped delivery is still counted in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(host.port, "wasm_pc_in_flight_peak").await, 1);
+}
+
+/// Publishes through the double's API, as a Dapr publisher would.
+async fn publish(sidecar: &Sidecar, topic: &str, content_type: &str, body: Vec<u8>, query: &str) -> u16 {
+    let path = format!("/v1.0/publish/bus/{topic}{query}");
+    request(sidecar.port(), "POST", &path, &[("content-type", content_type)], body).await.0
+}
+
+fn pubsub_events(sidecar: &Sidecar) -> Vec<(String, u32, PubSubOutcome, serde_json::Value)> {
+    sidecar
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Event { id, attempt, outcome, body } => Some((id, attempt, outcome, body)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A pub/sub consumer and its sidecar double; `extra` adds host flags.
+async fn pubsub_consumer(extra: &[&str], broker: &Arc<Broker>) -> (Host, Sidecar) {
+    let config = "transient-sku=FLAKY,transient-attempts=2,max-order-cents=100000";
+    let mut args = vec!["--pubsub", "bus", "--topic", "orders", "--consumer-config", config];
+    args.extend(extra);
+    let host = Host::start("consumer", 1, &args, &[("APP_API_TOKEN", "app-secret")]);
+    let sidecar = Sidecar::start(
+        Config {
+            pubsub: Some(PubSubConfig { name: "bus".into(), app_port: host.port, max_delivery_count: 10 }),
+            app_token: Some("app-secret".into()),
+            ..Config::default()
+        },
+        broker.clone(),
+    )
+    .await;
+    (host, sidecar)
+}
+
+/// One order each: fine, flaky (retried twice), over the credit limit.
+async fn publish_three(sidecar: &Sidecar) {
+    for (id, sku, price) in [("p-ok", "A", 100), ("p-flaky", "FLAKY", 100), ("p-poison", "YACHT", 9_000_000)] {
+        let event =
+            serde_json::json!({"id": id, "customer": "acme", "items": [{"sku": sku, "qty": 2, "price_cents": price}]});
+        assert_eq!(publish(sidecar, "orders", "application/json", event.to_string().into_bytes(), "").await, 204);
+    }
+}
+
+/// `(delivery count, outcome)` of every delivery of an order, in order.
+fn deliveries_of(sidecar: &Sidecar, order: &str) -> Vec<(u32, PubSubOutcome)> {
+    pubsub_events(sidecar).into_iter().filter(|e| e.3["data"]["id"] == order).map(|e| (e.1, e.2)).collect()
+}
+
+/// A topic consumed through Dapr pub/sub: the subscription daprd asks for,
+/// CloudEvents in, SUCCESS / RETRY / DROP out, and the broker's delivery
+/// count reaching the guest. With a dead-letter topic, daprd moves dropped
+/// events there, and (as daprd does without a retry policy) the first
+/// failure too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pubsub_subscribes_and_answers_every_event_with_a_status() {
+    let broker = Arc::new(Broker::default());
+    let (host, sidecar) = pubsub_consumer(&[], &broker).await;
+    let subscribed = || {
+        sidecar.events().into_iter().find_map(|e| match e {
+            Event::Subscribe { status, body } => Some((status, body)),
+            _ => None,
+        })
+    };
+    eventually(Duration::from_secs(10), "the subscription call", || subscribed().is_some()).await;
+    assert_eq!(
+        subscribed().unwrap(),
+        (Some(200), serde_json::json!([{"pubsubname": "bus", "topic": "orders", "route": "/bus/orders"}]))
+    );
+    publish_three(&sidecar).await;
+    eventually(Duration::from_secs(20), "every event settled", || deliveries_of(&sidecar, "p-flaky").len() == 3).await;
+    assert_eq!(deliveries_of(&sidecar, "p-ok"), [(1, PubSubOutcome::Success)]);
+    assert_eq!(
+        deliveries_of(&sidecar, "p-flaky"),
+        [(1, PubSubOutcome::Retry), (2, PubSubOutcome::Retry), (3, PubSubOutcome::Success)],
+        "the guest saw the broker's delivery count, and the third delivery succeeded"
+    );
+    assert_eq!(deliveries_of(&sidecar, "p-poison"), [(1, PubSubOutcome::Drop)]);
+    assert!(broker.messages("orders").is_empty());
+    assert_eq!(metric(host.port, "wasm_pc_messages_dead_lettered_total").await, 1);
+    assert_eq!(metric(host.port, "wasm_pc_messages_abandoned_total").await, 2);
+    let (status, _) = request(host.port, "GET", "/dapr/subscribe", &[], vec![]).await;
+    assert_eq!(status, 401, "daprd's calls carry the app token");
+
+    let broker = Arc::new(Broker::default());
+    let (_host, sidecar) = pubsub_consumer(&["--dead-letter-topic", "orders-dead"], &broker).await;
+    eventually(Duration::from_secs(10), "the second subscription", || {
+        sidecar
+            .events()
+            .iter()
+            .any(|e| matches!(e, Event::Subscribe { body, .. } if body[0]["deadLetterTopic"] == "orders-dead"))
+    })
+    .await;
+    publish_three(&sidecar).await;
+    eventually(Duration::from_secs(20), "two in the dead-letter topic", || broker.messages("orders-dead").len() == 2)
+        .await;
+    let dead: Vec<String> = broker
+        .messages("orders-dead")
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.body).unwrap()["data"]["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(dead.contains(&"p-poison".to_string()) && dead.contains(&"p-flaky".to_string()), "{dead:?}");
+}
+
+/// rawPayload subscriptions get the broker's bytes back exactly; bulk
+/// subscriptions get one status per entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pubsub_raw_payloads_and_bulk_deliveries() {
+    let broker = Arc::new(Broker::default());
+    // The sidecar's port first: the host forwards through it.
+    let sidecar_port = free_port();
+    let args = [
+        "--pubsub",
+        "bus",
+        "--topic",
+        "raw",
+        "--raw-payload",
+        "--bulk",
+        "10",
+        "--consumer-config",
+        "forward-binding=done",
+    ];
+    let host = Host::start("consumer", sidecar_port, &args, &[]);
+    let sidecar = Sidecar::start(
+        Config {
+            pubsub: Some(PubSubConfig { name: "bus".into(), app_port: host.port, max_delivery_count: 10 }),
+            outputs: vec!["done".into()],
+            port: sidecar_port,
+            ..Config::default()
+        },
+        broker.clone(),
+    )
+    .await;
+    let binary: Vec<u8> = (0..=255u8).rev().chain([0, b'"', b'\\', b'+', b'%']).collect();
+    assert_eq!(
+        publish(&sidecar, "raw", "application/octet-stream", binary.clone(), "?metadata.rawPayload=true").await,
+        204
+    );
+    for i in 0..21 {
+        let body = serde_json::json!(order(&format!("b-{i}"))).to_string().into_bytes();
+        assert_eq!(publish(&sidecar, "raw", "application/json", body, "?metadata.rawPayload=true").await, 204);
+    }
+    let bulks = || -> Vec<(usize, Vec<PubSubOutcome>)> {
+        sidecar
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Bulk { entries, outcomes } => Some((entries, outcomes)),
+                _ => None,
+            })
+            .collect()
+    };
+    eventually(Duration::from_secs(20), "22 entries settled", || bulks().iter().map(|b| b.0).sum::<usize>() == 22)
+        .await;
+    assert!(bulks().iter().all(|(entries, _)| *entries <= 10), "at most maxMessagesCount per delivery");
+    assert!(bulks().into_iter().flat_map(|b| b.1).all(|o| o == PubSubOutcome::Success));
+    assert_eq!(metric(host.port, "wasm_pc_messages_completed_total").await, 22);
+    // The guest got the broker's bytes exactly (it forwards raw bodies as they are).
+    use base64::Engine as _;
+    let forwarded: Vec<Vec<u8>> = broker
+        .messages("done")
+        .iter()
+        .map(|m| serde_json::from_slice::<String>(&m.body).unwrap())
+        .map(|text| base64::engine::general_purpose::STANDARD.decode(text).unwrap())
+        .collect();
+    assert_eq!(forwarded.len(), 22);
+    assert!(forwarded.contains(&binary), "the binary payload reached the guest byte for byte");
+}
+
+/// A binding mapped to a topic publishes there: the body under its content
+/// type, the message id as metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_producer_publishes_to_a_topic_mapped_to_its_binding() {
+    let broker = Arc::new(Broker::default());
+    let sidecar = Sidecar::start(
+        Config {
+            pubsub: Some(PubSubConfig { name: "bus".into(), app_port: 1, max_delivery_count: 10 }),
+            api_token: Some("dapr-secret".into()),
+            ..Config::default()
+        },
+        broker.clone(),
+    )
+    .await;
+    let args = ["--producer-config", "binding=orders-out", "--publish", "orders-out=bus/orders"];
+    let producer = Host::start("producer", sidecar.port(), &args, &[("DAPR_API_TOKEN", "dapr-secret")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while request(producer.port, "GET", "/readyz", &[], vec![]).await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let batch = serde_json::json!([order("t-1")]).to_string().into_bytes();
+    let (status, body) =
+        request(producer.port, "POST", "/produce", &[("content-type", "application/json")], batch).await;
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let published = broker.messages("orders");
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].id, "t-1", "the message id rides along as MessageId");
+    let envelope: serde_json::Value = serde_json::from_slice(&published[0].body).unwrap();
+    assert_eq!(
+        (envelope["datacontenttype"].as_str(), envelope["data"]["id"].as_str()),
+        (Some("application/json"), Some("t-1"))
+    );
+    assert!(sidecar.events().iter().any(|e| matches!(e, Event::Published { topic, status: 204 } if topic == "orders")));
+}
+
+/// Half-sent requests are held no longer than the header time-out, a client
+/// over the connection cap gets a clear 503 at once, and the host serves
+/// again as soon as the flood's connections time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_sent_requests_time_out_and_a_connection_flood_is_shed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = [("WASM_PC_HEADER_TIMEOUT_MS", "500"), ("WASM_PC_MAX_CONNECTIONS", "20")];
+    let host = Host::start("consumer", 1, &["--consumer-file", "faulty.wasm"], &env);
+
+    // One half-sent request: closed after the header time-out.
+    let mut half = tokio::net::TcpStream::connect(("127.0.0.1", host.port)).await.unwrap();
+    half.write_all(b"POST /orders HTTP/1.1\r\nhost: x\r\ncontent-").await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a half-sent request was held past the header time-out");
+    assert!(started.elapsed() >= Duration::from_millis(400), "closed only after the time-out");
+
+    // A flood of half-sent requests: 20 slots plus the loopback reserve (64).
+    let mut flood = Vec::new();
+    for _ in 0..84 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", host.port)).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        flood.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut over = tokio::net::TcpStream::connect(("127.0.0.1", host.port)).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(2), over.read_to_string(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("too many connections"), "{answer}");
+    // The flood times out; the host answers again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", host.port)).await.ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok()?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).await.ok()?;
+            Some(reply)
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten().unwrap_or_default();
+        if reply.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered from the flood");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(flood);
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use wasm_pc::queue::{Database, NewMessage, QueueOptions};
+use wasm_pc::queue::{Database, NewMessage, StoreOptions, SubQueue};
 
 use crate::process::{Running, command, http, queue_json};
 
@@ -63,7 +63,7 @@ fn demo_of_10000_orders_settles_every_one_exactly() {
 fn failing_guests_are_retried_then_dead_lettered_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("faults.db");
-    let mut db = Database::open(&db_path, QueueOptions::default(), false).unwrap();
+    let mut db = Database::open(&db_path, StoreOptions::default()).unwrap();
     let cmd = |id: &str, body: &str| NewMessage {
         id: Some(id.into()),
         body: body.as_bytes().to_vec(),
@@ -137,7 +137,7 @@ fn sigkill_at_any_moment_loses_no_message() {
                 "--consumer-config",
                 "forward-binding=done",
                 "--lock-ms",
-                "500",
+                "1000",
             ])
             .arg("--db")
             .arg(&db),
@@ -184,11 +184,11 @@ fn sigkill_at_any_moment_loses_no_message() {
     }
     assert_eq!(host.terminate().code(), Some(0));
 
-    let mut db = Database::open(&db, QueueOptions::default(), false).unwrap();
-    let done = db.peek("done", false, 1_000_000).unwrap();
+    let mut db = Database::open(&db, StoreOptions::default()).unwrap();
+    let done = db.peek("done", SubQueue::Active, 0, 1_000_000).unwrap();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for m in &done {
-        let summary: serde_json::Value = serde_json::from_str(&m.body_preview).unwrap();
+        let summary: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
         *seen.entry(summary["order"].as_str().unwrap().to_string()).or_default() += 1;
     }
     let missing: Vec<_> = accepted.iter().filter(|id| !seen.contains_key(*id)).collect();

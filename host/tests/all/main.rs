@@ -4,7 +4,9 @@
 mod dapr;
 mod dev;
 mod e2e;
+mod embedded;
 mod guests;
+mod pods;
 mod process;
 mod queue;
 mod reload;

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use wasm_pc::dispatch::Slot;
 use wasm_pc::metrics::Metrics;
 use wasm_pc::modules::ModuleSource;
-use wasm_pc::queue::{Database, NewMessage, QueueOptions};
+use wasm_pc::queue::{Database, NewMessage, StoreOptions, SubQueue};
 use wasm_pc::reload::{Reloader, Target};
 use wasm_pc::runtime::{ModuleSpec, Runtime, RuntimeOptions, World};
 
@@ -253,7 +253,7 @@ fn twenty_plain_file_replacements_swap_the_embedded_pool_mid_stream() {
             .arg(&db_path),
         "POST http://",
     );
-    let mut db = Database::open(&db_path, QueueOptions::default(), false).unwrap();
+    let mut db = Database::open(&db_path, StoreOptions::default()).unwrap();
     let mut sent = 0;
     for round in 0..20 {
         for _ in 0..25 {
@@ -276,11 +276,13 @@ fn twenty_plain_file_replacements_swap_the_embedded_pool_mid_stream() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(host.terminate().code(), Some(0));
-    let tags = db.peek("tags", false, 10_000).unwrap();
+    let tags = db.peek("tags", SubQueue::Active, 0, 10_000).unwrap();
     assert_eq!(tags.len() as u64, sent);
-    let flavors: Vec<&str> = tags.iter().map(|t| t.body_preview.split(' ').next().unwrap()).collect();
+    let flavors: Vec<&str> =
+        tags.iter().map(|t| std::str::from_utf8(&t.body).unwrap().split(' ').next().unwrap()).collect();
     assert!(flavors.contains(&"flavor-a") && flavors.contains(&"flavor-b"), "both versions served");
-    let mut ids: Vec<&str> = tags.iter().map(|t| t.body_preview.split(' ').nth(1).unwrap()).collect();
+    let mut ids: Vec<&str> =
+        tags.iter().map(|t| std::str::from_utf8(&t.body).unwrap().split(' ').nth(1).unwrap()).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len() as u64, sent, "each message handled once");
@@ -306,11 +308,73 @@ async fn two_hundred_swaps_free_every_old_version() {
     );
     let mut old = Vec::new();
     for k in 0..200 {
-        old.push(Arc::downgrade(&slot.current().info));
+        old.push(Arc::downgrade(&slot.current().unwrap().info));
         std::fs::write(&path, if k % 2 == 0 { &b } else { &a }).unwrap();
         reloader.scan().await;
     }
     assert_eq!(metrics.snapshot().reloads, 200);
     let alive = old.iter().filter(|w| w.upgrade().is_some()).count();
     assert_eq!(alive, 0, "old versions still referenced after their last invocation");
+}
+
+/// A reloader on `dir/modules/consumer.wasm` (version `a`), running with a
+/// re-scan too slow to matter: what it sees, it sees through file events.
+fn watched(root: &Path, rescan: Duration) -> (Arc<Slot<wasm_pc::runtime::ConsumerModule>>, Arc<Metrics>, Reloader) {
+    let dir = root.join("modules");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("consumer.wasm"), guests::bytes("faulty")).unwrap();
+    let runtime = Arc::new(Runtime::new(RuntimeOptions::default()).unwrap());
+    let source = ModuleSource::in_dir(&dir, "consumer.wasm", World::Consumer);
+    let slot =
+        Arc::new(Slot::new(runtime.load_consumer(ModuleSpec::new("consumer", guests::bytes("faulty"))).unwrap()));
+    let metrics = Arc::new(Metrics::default());
+    let reloader = Reloader::new(runtime, dir, vec![Target::Consumer(source, slot.clone())], metrics.clone(), rescan);
+    (slot, metrics, reloader)
+}
+
+/// The modules directory deleted and made again (a `cargo clean`, a
+/// redeploy): the watch follows it, so later swaps still come by event, not
+/// at the re-scan's pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_follows_a_modules_directory_made_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (slot, _, reloader) = watched(root.path(), Duration::from_secs(600));
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(reloader.run(stopped));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hash = || slot.current().unwrap().info.hash;
+    let (a, b) = (hash(), wasm_pc::runtime::content_hash(&guests::bytes("faulty-b")));
+    let dir = root.path().join("modules");
+    std::fs::remove_dir_all(&dir).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("consumer.wasm"), guests::bytes("faulty-b")).unwrap();
+    eventually(Duration::from_secs(5), "the new directory's module", || hash() == b).await;
+    // And the re-armed watch sees the next change too.
+    std::fs::write(dir.join(".next"), guests::bytes("faulty")).unwrap();
+    std::fs::rename(dir.join(".next"), dir.join("consumer.wasm")).unwrap();
+    eventually(Duration::from_secs(5), "the next swap in the new directory", || hash() == a).await;
+}
+
+/// A module file that cannot be read (here a link to nothing) is reported
+/// in the status and counted, while the live version keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_module_file_is_reported_not_just_logged() {
+    let root = tempfile::tempdir().unwrap();
+    let (slot, metrics, reloader) = watched(root.path(), Duration::from_millis(200));
+    let status = reloader.status();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(reloader.run(stopped));
+    let file = root.path().join("modules/consumer.wasm");
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(root.path().join("nowhere.wasm"), &file).unwrap();
+    let reported = || status.snapshot()[0].last_error.clone().unwrap_or_default();
+    eventually(Duration::from_secs(5), "the unreadable file in the status", || reported().contains("cannot read"))
+        .await;
+    assert!(metrics.snapshot().reload_failures >= 1);
+    assert!(slot.current().is_some(), "the live version keeps serving");
+    // Readable again (the same module): the report clears.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, guests::bytes("faulty")).unwrap();
+    eventually(Duration::from_secs(5), "the report cleared", || reported().is_empty()).await;
 }

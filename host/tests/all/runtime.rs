@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasm_pc::outbound::{NoOutbound, Outbound, Recorder};
+use wasm_pc::runtime::outbound::{NoOutbound, Outbound, Recorder};
 use wasm_pc::runtime::{
     CacheStatus, ConsumeError, ConsumerModule, FailureKind, Limits, LoadErrorKind, Message, ModuleSpec, Request,
     Resource, Runtime, RuntimeOptions, World,
@@ -64,6 +64,49 @@ async fn consumer_accepts_rejects_and_retries() {
     assert_eq!(recorder.sent().len(), 2, "only the successes forward");
 }
 
+/// A send that hangs (a sidecar that does not answer) uses up the time
+/// limit: the error says the time went to the host call, not the guest.
+#[tokio::test]
+async fn time_spent_waiting_on_the_host_is_not_blamed_on_the_guest() {
+    struct Hang;
+    impl Outbound for Hang {
+        fn send<'a>(
+            &'a self,
+            _binding: &'a str,
+            _message: wasm_pc::runtime::outbound::OutboundMessage,
+        ) -> wasm_pc::runtime::outbound::SendFuture<'a> {
+            Box::pin(std::future::pending())
+        }
+    }
+    let rt = runtime_with(small_limits());
+    let module = rt
+        .load_producer(ModuleSpec::new("producer", guests::bytes("producer")).with_config([("binding", "orders")]))
+        .unwrap();
+    let request = Request {
+        method: "POST".into(),
+        path: "/produce".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: format!("[{}]", order("h", "A")).into_bytes(),
+    };
+    let error = rt.produce(&module, &request, Arc::new(Hang)).await.unwrap_err();
+    let FailureKind::Timeout(spent) = &error.kind else { panic!("{error}") };
+    assert_eq!(spent.waiting_on.as_deref(), Some("outbound.send to orders"), "{error}");
+    assert!(spent.in_host_calls >= small_limits().timeout, "{error}");
+    assert!(error.to_string().contains("waiting on the host in outbound.send to orders"), "{error}");
+}
+
+/// A producer upgraded to send a new field must not make every message
+/// poison at the consumers not yet upgraded.
+#[tokio::test]
+async fn the_sample_consumer_reads_orders_with_fields_it_does_not_know() {
+    let rt = runtime_with(small_limits());
+    let module = consumer(&rt, &[]);
+    let out: Arc<dyn Outbound> = Arc::new(Recorder::default());
+    let newer =
+        r#"{"id":"o9","customer":"acme","channel":"web","items":[{"sku":"A","qty":1,"price_cents":5,"gift":true}]}"#;
+    assert_eq!(rt.consume(&module, &message("m9", newer.as_bytes()), out).await.unwrap(), Ok(()));
+}
+
 #[tokio::test]
 async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
     let rt = runtime_with(small_limits());
@@ -122,7 +165,11 @@ async fn misbehaving_guests_are_stopped_and_classified() {
 
     let started = Instant::now();
     let spin = run("loop").await.unwrap_err();
-    assert!(matches!(spin.kind, FailureKind::Timeout(t) if t == limits.timeout), "{spin}");
+    assert!(
+        matches!(spin.kind, FailureKind::Timeout(ref t) if t.limit == limits.timeout && !t.in_host_call()),
+        "{spin}"
+    );
+    assert!(spin.to_string().contains("in guest code"), "{spin}");
     assert!(started.elapsed() < limits.timeout * 5, "stopped late: {:?}", started.elapsed());
 
     let hoard = run("alloc").await.unwrap_err();
@@ -254,6 +301,95 @@ fn the_artifact_cache_is_hit_and_a_damaged_entry_is_rebuilt() {
     std::fs::write(&entry, &data).unwrap();
     assert_eq!(load(&rt), CacheStatus::Rebuilt);
     assert_eq!(load(&rt), CacheStatus::Hit);
+}
+
+/// A Kubernetes `emptyDir` with an `fsGroup`: owned by root, group the
+/// fsGroup, mode 2777. Made here owned by another uid, as the host sees it.
+fn shared_volume(owner: u32) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(owner), Some(65532)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o2777)).unwrap();
+    dir
+}
+
+#[test]
+fn a_cache_in_a_shared_volume_uses_a_private_subdirectory() {
+    use std::os::unix::fs::MetadataExt;
+    let volume = shared_volume(4242);
+    let options = RuntimeOptions {
+        limits: small_limits(),
+        cache_dir: Some(volume.path().to_path_buf()),
+        ..RuntimeOptions::default()
+    };
+    let load =
+        |rt: &Runtime| rt.load_consumer(ModuleSpec::new("consumer", guests::bytes("consumer"))).unwrap().info.cache;
+    assert_eq!(load(&Runtime::new(options.clone()).unwrap()), CacheStatus::Miss);
+    assert_eq!(load(&Runtime::new(options).unwrap()), CacheStatus::Hit, "a restart reuses the cache");
+
+    let uid = unsafe_geteuid();
+    let private = volume.path().join(format!("wasm-pc-{uid}"));
+    let meta = std::fs::metadata(&private).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700), "{}", private.display());
+    let volume_mode = std::fs::metadata(volume.path()).unwrap().mode() & 0o7777;
+    assert_eq!(volume_mode, 0o2777, "the shared volume itself is left as the kubelet made it");
+}
+
+#[test]
+fn a_cache_that_cannot_be_prepared_never_stops_the_host() {
+    let volume = shared_volume(4242);
+    let uid = unsafe_geteuid();
+    // Someone else planted our private name as a link to their directory.
+    let theirs = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(theirs.path(), volume.path().join(format!("wasm-pc-{uid}"))).unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    for dir in [volume.path().to_path_buf(), file.path().join("cache")] {
+        let options =
+            RuntimeOptions { limits: small_limits(), cache_dir: Some(dir.clone()), ..RuntimeOptions::default() };
+        let rt = Runtime::new(options).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+        let module = rt.load_consumer(ModuleSpec::new("consumer", guests::bytes("consumer"))).unwrap();
+        assert_eq!(module.info.cache, CacheStatus::Miss, "compiled without a cache: {}", dir.display());
+    }
+    assert_eq!(std::fs::read_dir(theirs.path()).unwrap().count(), 0, "nothing is written through a planted link");
+}
+
+/// The issue's reproduction: the release image's user (65532) on a volume
+/// laid out as the kubelet lays out an emptyDir with `fsGroup: 65532`.
+#[test]
+fn the_host_runs_as_the_image_user_on_a_kubelet_emptydir() {
+    use std::os::unix::fs::PermissionsExt;
+    let volume = shared_volume(0);
+    let modules = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(modules.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let module = modules.path().join("consumer.wasm");
+    std::fs::write(&module, guests::bytes("consumer")).unwrap();
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let check = |expect: &str| {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65532", "--regid=65532", "--groups=65532", "--"])
+            .arg(env!("CARGO_BIN_EXE_wasm-pc"))
+            .arg("check")
+            .arg(&module)
+            .args(["--world", "consumer", "--cache-dir"])
+            .arg(volume.path())
+            .env("WASM_PC_LOG", "debug")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && stdout.starts_with("ok: ") && stderr.contains(expect),
+            "exit {:?}\nstdout: {stdout}\nstderr: {stderr}",
+            out.status
+        );
+    };
+    check("cache=Miss");
+    check("cache=Hit");
+    assert!(volume.path().join("wasm-pc-65532").is_dir());
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 #[test]

@@ -1,4 +1,6 @@
-//! A daprd double that follows section 11 of `shared/dapr-contract.md`.
+//! A daprd double that follows section 11 of `shared/dapr-contract.md` for
+//! bindings and `docs/dapr-pubsub-contract.md` for pub/sub (the Service Bus
+//! queues component's behaviour).
 //!
 //! It is written from the contract, not from the host: the Go-style JSON
 //! re-encoding, query-escaping and header rules are implemented here again,
@@ -13,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -78,9 +81,48 @@ impl Broker {
 /// What the double saw, for assertions.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Probe { status: Option<u16> },
-    Delivery { id: String, attempt: u32, status: Option<u16>, headers: Vec<(String, String)>, body: Vec<u8> },
-    Output { status: u16 },
+    Probe {
+        status: Option<u16>,
+    },
+    Delivery {
+        id: String,
+        attempt: u32,
+        status: Option<u16>,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    Output {
+        status: u16,
+    },
+    /// `GET /dapr/subscribe`: its status and body.
+    Subscribe {
+        status: Option<u16>,
+        body: serde_json::Value,
+    },
+    /// A pub/sub delivery and the status daprd read from the answer.
+    Event {
+        id: String,
+        attempt: u32,
+        outcome: PubSubOutcome,
+        body: serde_json::Value,
+    },
+    /// A bulk delivery: how many entries, and their outcomes.
+    Bulk {
+        entries: usize,
+        outcomes: Vec<PubSubOutcome>,
+    },
+    Published {
+        topic: String,
+        status: u16,
+    },
+}
+
+/// How daprd reads a pub/sub answer (`docs/dapr-pubsub-contract.md` 3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubSubOutcome {
+    Success,
+    Retry,
+    Drop,
 }
 
 /// What the double is set up with; the default has no bindings, no tokens
@@ -97,6 +139,18 @@ pub struct Config {
     pub app_token: Option<String>,
     /// Listen on this port (0: any).
     pub port: u16,
+    /// A pub/sub component of this name: its topics are broker queues (as
+    /// for `pubsub.azure.servicebus.queues`), published to through the API
+    /// and delivered to the app's subscriptions.
+    pub pubsub: Option<PubSubConfig>,
+}
+
+#[derive(Clone)]
+pub struct PubSubConfig {
+    pub name: String,
+    pub app_port: u16,
+    /// The queue's MaxDeliveryCount.
+    pub max_delivery_count: u32,
 }
 
 #[derive(Clone)]
@@ -151,6 +205,10 @@ impl Sidecar {
         if let Some(input) = config.input.clone() {
             let (broker, events, stop) = (broker.clone(), events.clone(), stop_deliveries.clone());
             tasks.push(tokio::spawn(run_input(input, config.app_token.clone(), broker, events, subscribed, stop)));
+        }
+        if let Some(pubsub) = config.pubsub.clone() {
+            let (broker, events, stop) = (broker.clone(), events.clone(), stop_deliveries.clone());
+            tasks.push(tokio::spawn(run_subscriptions(pubsub, config.app_token.clone(), broker, events, stop)));
         }
         Sidecar { address, events, stop_deliveries, tasks }
     }
@@ -246,6 +304,16 @@ impl Api {
                     dapr_error(StatusCode::INTERNAL_SERVER_ERROR, "ERR_HEALTH_NOT_READY", "dapr is not ready: [app]")
                 }
             }
+            (Method::POST | Method::PUT, p) if p.starts_with("/v1.0/publish/") => {
+                let topic = p
+                    .trim_start_matches("/v1.0/publish/")
+                    .split_once('/')
+                    .map(|(_, t)| t.to_string())
+                    .unwrap_or_default();
+                let response = self.publish(req).await;
+                self.events.lock().unwrap().push(Event::Published { topic, status: response.status().as_u16() });
+                response
+            }
             (Method::POST | Method::PUT, p) if p.starts_with("/v1.0/bindings/") => {
                 let name = p.trim_start_matches("/v1.0/bindings/").to_string();
                 let status_of = |r: &Response<Full<Bytes>>| r.status().as_u16();
@@ -330,6 +398,64 @@ impl Api {
     }
 }
 
+impl Api {
+    /// `POST /v1.0/publish/<pubsub>/<topic>?metadata.k=v`: the body wrapped
+    /// in a CloudEvent by its content type (raw with `metadata.rawPayload`),
+    /// stored on the topic's queue; 204.
+    async fn publish(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(token) = &self.config.api_token
+            && req.headers().get("dapr-api-token").map(|v| v.as_bytes()) != Some(token.as_bytes())
+        {
+            return reply(StatusCode::UNAUTHORIZED, "text/plain", "invalid api token\n");
+        }
+        let path = req.uri().path().trim_start_matches("/v1.0/publish/").to_string();
+        let Some((pubsub, topic)) = path.split_once('/') else {
+            return dapr_error(StatusCode::NOT_FOUND, "ERR_TOPIC_NAME_EMPTY", "topic is empty");
+        };
+        if self.config.pubsub.as_ref().is_none_or(|p| p.name != pubsub) {
+            return dapr_error(StatusCode::NOT_FOUND, "ERR_PUBSUB_NOT_FOUND", &format!("pubsub {pubsub} not found"));
+        }
+        let metadata: BTreeMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .filter_map(|(k, v)| k.strip_prefix("metadata.").map(|k| (query_unescape(k), query_unescape(v))))
+            .collect();
+        let content_type =
+            req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("text/plain").to_string();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let raw = metadata.get("rawPayload").is_some_and(|v| v == "true");
+        let bytes = if raw {
+            body.to_vec()
+        } else {
+            let mut envelope = serde_json::json!({"id": uuid::Uuid::new_v4().to_string(), "specversion": "1.0",
+                "source": "producer", "type": "com.dapr.event.sent", "topic": topic, "pubsubname": pubsub,
+                "datacontenttype": content_type, "traceid": "", "traceparent": "", "tracestate": ""});
+            if content_type.starts_with("application/json") {
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(data) => envelope["data"] = data,
+                    Err(_) => envelope["data"] = String::from_utf8_lossy(&body).into_owned().into(),
+                }
+            } else if content_type.starts_with("application/octet-stream") {
+                envelope["data_base64"] = base64::engine::general_purpose::STANDARD.encode(&body).into();
+            } else {
+                envelope["data"] = String::from_utf8_lossy(&body).into_owned().into();
+            }
+            go_json(&envelope).into_bytes()
+        };
+        let mut message = SbMessage::new(metadata.get("MessageId").map(String::as_str).unwrap_or(""), &bytes);
+        for (k, v) in metadata {
+            if !matches!(k.as_str(), "MessageId" | "rawPayload" | "ttlInSeconds") {
+                message.properties.insert(k, v);
+            }
+        }
+        self.broker.push(topic, message);
+        reply(StatusCode::NO_CONTENT, "", "")
+    }
+}
+
 /// Go's encoding/json: sorted keys, no whitespace, `<>&` escaped, numbers as float64.
 pub fn go_json(value: &serde_json::Value) -> String {
     fn number(n: &serde_json::Number) -> String {
@@ -378,6 +504,29 @@ pub fn go_json(value: &serde_json::Value) -> String {
     let mut out = String::new();
     write(value, &mut out);
     out.replace('<', "\\u003c").replace('>', "\\u003e").replace('&', "\\u0026")
+}
+
+fn query_unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() + 0 && u8::from_str_radix(&s[i + 1..i + 3], 16).is_ok() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn query_escape(s: &str) -> String {
@@ -506,4 +655,267 @@ fn go_json_matches_go() {
     let v: serde_json::Value =
         serde_json::from_str(r#"{"b":1,"a":"<x&y>","c":[1.5,1e21,0.0000001,12345678901234567890]}"#).unwrap();
     assert_eq!(go_json(&v), r#"{"a":"\u003cx\u0026y\u003e","b":1,"c":[1.5,1e+21,1e-7,12345678901234567000]}"#);
+}
+
+/// One subscription the app asked for.
+#[derive(Clone, Debug)]
+struct Subscription {
+    topic: String,
+    route: String,
+    dead_letter_topic: Option<String>,
+    raw: bool,
+    bulk: Option<usize>,
+}
+
+/// daprd's pub/sub side: once the app port opens, `GET /dapr/subscribe`;
+/// then each subscription's topic (a queue) is delivered to its route, one
+/// at a time or in bulk, settled by the status the app answers.
+async fn run_subscriptions(
+    config: PubSubConfig,
+    app_token: Option<String>,
+    broker: Arc<Broker>,
+    events: Arc<Mutex<Vec<Event>>>,
+    stop: Arc<AtomicBool>,
+) {
+    while tokio::net::TcpStream::connect(("127.0.0.1", config.app_port)).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::get(format!("http://127.0.0.1:{}/dapr/subscribe", config.app_port))
+        .header("content-type", "application/json")
+        .header("dapr-app-id", "app");
+    if let Some(t) = &app_token {
+        request = request.header("dapr-api-token", t);
+    }
+    let (status, body) = match client.request(request.body(Full::new(Bytes::new())).unwrap()).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (Some(status), r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default())
+        }
+        Err(_) => (None, Bytes::new()),
+    };
+    let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    events.lock().unwrap().push(Event::Subscribe { status, body: parsed.clone() });
+    // Metadata values must be strings, or daprd starts nothing.
+    let subscriptions: Vec<Subscription> = parsed
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| s["pubsubname"] == config.name.as_str())
+        .filter_map(|s| {
+            let route = s["routes"]["default"].as_str().or(s["route"].as_str())?.to_string();
+            let raw = match s["metadata"].get("rawPayload") {
+                None => false,
+                Some(serde_json::Value::String(v)) => v == "true",
+                Some(_) => return None,
+            };
+            let bulk = (s["bulkSubscribe"]["enabled"] == true)
+                .then(|| s["bulkSubscribe"]["maxMessagesCount"].as_u64().unwrap_or(100) as usize);
+            Some(Subscription {
+                topic: s["topic"].as_str()?.to_string(),
+                route,
+                dead_letter_topic: s["deadLetterTopic"].as_str().map(str::to_string),
+                raw,
+                bulk,
+            })
+        })
+        .collect();
+    let mut workers = Vec::new();
+    for subscription in subscriptions {
+        let (client, broker, events, stop, token, config) =
+            (client.clone(), broker.clone(), events.clone(), stop.clone(), app_token.clone(), config.clone());
+        workers.push(tokio::spawn(async move {
+            let url = format!("http://127.0.0.1:{}{}", config.app_port, subscription.route);
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let notified = broker.arrived.notified();
+                let mut batch = Vec::new();
+                while batch.len() < subscription.bulk.unwrap_or(1) {
+                    match broker.pop(&subscription.topic) {
+                        Some(message) => batch.push(message),
+                        None => break,
+                    }
+                }
+                if batch.is_empty() {
+                    let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+                    continue;
+                }
+                for message in &mut batch {
+                    message.delivery_count += 1;
+                }
+                let outcomes = match subscription.bulk {
+                    None => vec![
+                        deliver_event(&client, &url, &config, &subscription, &batch[0], token.as_deref(), &events)
+                            .await,
+                    ],
+                    Some(_) => {
+                        deliver_bulk(&client, &url, &config, &subscription, &batch, token.as_deref(), &events).await
+                    }
+                };
+                for (message, outcome) in batch.into_iter().zip(outcomes) {
+                    settle_event(&broker, &subscription, &config, message, outcome).await;
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+/// The body daprd sends: the stored envelope, or for rawPayload a new one
+/// around the stored bytes.
+fn event_body(subscription: &Subscription, config: &PubSubConfig, message: &SbMessage) -> serde_json::Value {
+    if subscription.raw {
+        return serde_json::json!({"id": uuid::Uuid::new_v4().to_string(), "specversion": "1.0", "source": "Dapr",
+            "type": "com.dapr.event.sent", "datacontenttype": "application/octet-stream", "topic": subscription.topic,
+            "pubsubname": config.name, "data_base64": base64::engine::general_purpose::STANDARD.encode(&message.body)});
+    }
+    serde_json::from_slice(&message.body).unwrap_or(serde_json::Value::Null)
+}
+
+fn broker_metadata(message: &SbMessage) -> Vec<(String, String)> {
+    let mut metadata = vec![("metadata.deliverycount".to_string(), message.delivery_count.to_string())];
+    if !message.id.is_empty() {
+        metadata.push(("metadata.messageid".to_string(), message.id.clone()));
+    }
+    for (k, v) in &message.properties {
+        metadata.push((format!("metadata.{}", k.to_lowercase()), v.clone()));
+    }
+    metadata
+}
+
+/// 3.1: 2xx with no status (or not JSON) or SUCCESS acks; RETRY, an
+/// unknown status or a non-2xx fails; 404 and DROP drop.
+fn read_answer(status: Option<u16>, body: &[u8]) -> PubSubOutcome {
+    match status {
+        Some(404) => PubSubOutcome::Drop,
+        Some(s) if (200..300).contains(&s) => {
+            match serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["status"].as_str().map(str::to_string))
+            {
+                None => PubSubOutcome::Success,
+                Some(s) if s.is_empty() || s == "SUCCESS" => PubSubOutcome::Success,
+                Some(s) if s == "DROP" => PubSubOutcome::Drop,
+                Some(_) => PubSubOutcome::Retry,
+            }
+        }
+        _ => PubSubOutcome::Retry,
+    }
+}
+
+async fn deliver_event(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    config: &PubSubConfig,
+    subscription: &Subscription,
+    message: &SbMessage,
+    token: Option<&str>,
+    events: &Mutex<Vec<Event>>,
+) -> PubSubOutcome {
+    let body = event_body(subscription, config, message);
+    let mut request =
+        Request::post(url).header("content-type", "application/cloudevents+json").header("pubsubname", &config.name);
+    for (k, v) in broker_metadata(message) {
+        request = request.header(k, v);
+    }
+    if let Some(t) = token {
+        request = request.header("dapr-api-token", t);
+    }
+    let request = request.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let (status, answer) = match client.request(request).await {
+        Ok(r) => (Some(r.status().as_u16()), r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default()),
+        Err(_) => (None, Bytes::new()),
+    };
+    let outcome = read_answer(status, &answer);
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    events.lock().unwrap().push(Event::Event { id, attempt: message.delivery_count, outcome, body });
+    outcome
+}
+
+/// Section 4: one POST for the batch; statuses per entry, a missing or
+/// empty status counts as RETRY, a 404 acks all.
+async fn deliver_bulk(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    config: &PubSubConfig,
+    subscription: &Subscription,
+    batch: &[SbMessage],
+    token: Option<&str>,
+    events: &Mutex<Vec<Event>>,
+) -> Vec<PubSubOutcome> {
+    let entries: Vec<serde_json::Value> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let metadata: serde_json::Map<String, serde_json::Value> = broker_metadata(m)
+                .into_iter()
+                .map(|(k, v)| (k.replace("metadata.deliverycount", "metadata.DeliveryCount"), v.into()))
+                .collect();
+            let (event, content_type) = if subscription.raw {
+                (base64::engine::general_purpose::STANDARD.encode(&m.body).into(), "application/octet-stream")
+            } else {
+                (serde_json::from_slice(&m.body).unwrap_or(serde_json::Value::Null), "application/cloudevents+json")
+            };
+            serde_json::json!({"entryId": format!("entry-{i}"), "event": event, "contentType": content_type, "metadata": metadata})
+        })
+        .collect();
+    let body = serde_json::json!({"id": uuid::Uuid::new_v4().to_string(), "type": "com.dapr.event.sent.bulk",
+        "topic": subscription.topic, "pubsubname": config.name, "metadata": {"pubsubName": config.name}, "entries": entries});
+    let mut request = Request::post(url).header("content-type", "application/json").header("pubsubname", &config.name);
+    if let Some(t) = token {
+        request = request.header("dapr-api-token", t);
+    }
+    let request = request.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let (status, answer) = match client.request(request).await {
+        Ok(r) => (Some(r.status().as_u16()), r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default()),
+        Err(_) => (None, Bytes::new()),
+    };
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null);
+    let outcomes: Vec<PubSubOutcome> = (0..batch.len())
+        .map(|i| match status {
+            Some(404) => PubSubOutcome::Success,
+            Some(s) if (200..300).contains(&s) => {
+                let entry = format!("entry-{i}");
+                let found =
+                    answer["statuses"].as_array().and_then(|all| all.iter().find(|e| e["entryId"] == entry.as_str()));
+                match found.and_then(|e| e["status"].as_str()) {
+                    Some("SUCCESS") => PubSubOutcome::Success,
+                    Some("DROP") => PubSubOutcome::Drop,
+                    _ => PubSubOutcome::Retry,
+                }
+            }
+            _ => PubSubOutcome::Retry,
+        })
+        .collect();
+    events.lock().unwrap().push(Event::Bulk { entries: batch.len(), outcomes: outcomes.clone() });
+    outcomes
+}
+
+/// 3.1's final table: with a dead-letter topic a failure or a drop is
+/// published there and acked; without one a drop is gone and a failure is
+/// abandoned (the queue dead-letters it after its max delivery count).
+async fn settle_event(
+    broker: &Broker,
+    subscription: &Subscription,
+    config: &PubSubConfig,
+    message: SbMessage,
+    outcome: PubSubOutcome,
+) {
+    match (outcome, &subscription.dead_letter_topic) {
+        (PubSubOutcome::Success, _) => {}
+        (_, Some(dead)) => broker.push(dead, message),
+        (PubSubOutcome::Drop, None) => {}
+        (PubSubOutcome::Retry, None) if message.delivery_count >= config.max_delivery_count => {
+            broker.dead.lock().unwrap().entry(subscription.topic.clone()).or_default().push(message);
+        }
+        (PubSubOutcome::Retry, None) => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            broker.queues.lock().unwrap().entry(subscription.topic.clone()).or_default().push_front(message);
+        }
+    }
 }

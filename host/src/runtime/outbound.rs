@@ -17,6 +17,11 @@ pub trait Outbound: Send + Sync + 'static {
     /// Sends one message; resolves to the id it was sent with. The message id
     /// is already set: the runtime assigns one before calling this.
     fn send<'a>(&'a self, binding: &'a str, message: OutboundMessage) -> SendFuture<'a>;
+
+    /// Why sends would fail now (a sidecar that does not answer), if they would.
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Refuses every send: for hosts that configure no output binding.

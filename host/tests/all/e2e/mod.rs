@@ -1,0 +1,213 @@
+//! End to end with real daprd sidecars (built by `cargo xtask daprd`) and a
+//! real broker: RabbitMQ ([`rabbitmq`]) and the local Service Bus endpoint
+//! ([`servicebus`]), every part a separate process on 127.0.0.1. Ignored by
+//! default; `cargo xtask e2e` and `cargo xtask ci` run them.
+//!
+//! This module holds what both use: processes that end with the test, and
+//! an app (daprd plus a `wasm-pc serve` host).
+
+mod rabbitmq;
+mod servicebus;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::{Running, command, http};
+
+/// The daprd under test (`WASM_PC_DAPRD`, set by `cargo xtask`).
+pub fn daprd() -> PathBuf {
+    PathBuf::from(std::env::var("WASM_PC_DAPRD").expect("WASM_PC_DAPRD: the daprd binary (cargo xtask daprd)"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for_port(port: u16, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not open port {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process group that is killed when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+        let file = std::fs::File::create(log).unwrap();
+        let err = file.try_clone().unwrap();
+        Proc(cmd.stdout(file).stderr(err).spawn().unwrap())
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([sig, &self.0.id().to_string()]).status();
+    }
+
+    pub fn wait(mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub const APP_TOKEN: &str = "e2e-app-token";
+pub const API_TOKEN: &str = "e2e-api-token";
+
+/// One app: daprd plus a `wasm-pc serve` host.
+pub struct App {
+    pub daprd: Option<Proc>,
+    pub host: Option<Running>,
+    pub app_port: u16,
+    pub http_port: u16,
+}
+
+impl App {
+    /// Starts the `role` app on free ports under app id `role`, with the
+    /// components in `root/<role>`, daprd logging to `daprd-<role>.log`.
+    pub fn start(daprd: &Path, role: &str, root: &Path, host_args: &[&str]) -> App {
+        App::start_as(daprd, role, role, root, host_args)
+    }
+
+    /// As [`App::start`], with daprd's app id `app_id` (its components in
+    /// `root/<app_id>`) and the host in `role`.
+    pub fn start_as(daprd: &Path, app_id: &str, role: &str, root: &Path, host_args: &[&str]) -> App {
+        let mut app = App { daprd: None, host: None, app_port: free_port(), http_port: free_port() };
+        app.launch_as(daprd, app_id, role, root, host_args, &format!("daprd-{app_id}.log"));
+        app
+    }
+
+    /// Starts the host, then daprd with the components in `root/<role>`, on
+    /// this app's ports (again, after a stop).
+    pub fn launch(&mut self, daprd: &Path, role: &str, root: &Path, host_args: &[&str], log: &str) {
+        self.launch_as(daprd, role, role, root, host_args, log);
+    }
+
+    /// The host goes first: daprd probes the app port as it starts, and a
+    /// producer host only waits (not ready) until daprd answers.
+    pub fn launch_as(&mut self, daprd: &Path, app_id: &str, role: &str, root: &Path, host_args: &[&str], log: &str) {
+        let (app_port, http_port) = (self.app_port, self.http_port);
+        self.host = Some(start_host(role, app_port, http_port, host_args));
+        self.daprd = Some(start_daprd(daprd, app_id, app_port, http_port, &root.join(app_id), &root.join(log)));
+    }
+
+    /// SIGTERM to the host and daprd at the same moment, as the kubelet
+    /// sends it; both must exit 0.
+    pub fn terminate_together(&mut self) {
+        let (host, sidecar) = (self.host.take().unwrap(), self.daprd.take().unwrap());
+        Command::new("kill").args(["-TERM", &host.child.id().to_string()]).status().unwrap();
+        sidecar.signal("-TERM");
+        assert_eq!(sidecar.wait(Duration::from_secs(30)), Some(0), "daprd exits cleanly");
+        assert_eq!(host.terminate().code(), Some(0), "the host exits cleanly");
+    }
+
+    /// The host's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (_, body) = http(([127, 0, 0, 1], self.app_port).into(), "GET", "/metrics", "text/plain", b"").unwrap();
+        String::from_utf8(body).unwrap()
+    }
+}
+
+pub fn start_daprd(daprd: &Path, id: &str, app_port: u16, http_port: u16, resources: &Path, log: &Path) -> Proc {
+    let p = Proc::spawn(
+        Command::new(daprd)
+            .args(["--app-id", id, "--app-port", &app_port.to_string(), "--dapr-http-port", &http_port.to_string()])
+            .args(["--dapr-grpc-port", &free_port().to_string(), "--dapr-internal-grpc-port", &free_port().to_string()])
+            .args(["--metrics-port", &free_port().to_string(), "--dapr-public-port", &free_port().to_string()])
+            .args([
+                "--profile-port",
+                &free_port().to_string(),
+                "--placement-host-address",
+                "",
+                "--scheduler-host-address",
+                "",
+            ])
+            .args(["--dapr-graceful-shutdown-seconds", "5", "--resources-path"])
+            .arg(resources)
+            .env("APP_API_TOKEN", APP_TOKEN)
+            .env("DAPR_API_TOKEN", API_TOKEN)
+            .stdin(Stdio::null()),
+        log,
+    );
+    wait_for_port(http_port, "daprd", Duration::from_secs(30));
+    p
+}
+
+pub fn start_host(role: &str, app_port: u16, http_port: u16, extra: &[&str]) -> Running {
+    let mut cmd =
+        command(&["serve", "--role", role, "--app-port", &app_port.to_string(), "--listen-address", "127.0.0.1"]);
+    cmd.args(["--drain-secs", "6", "--shutdown-deadline-secs", "15"])
+        .args(extra)
+        .env("DAPR_HTTP_PORT", http_port.to_string())
+        .env("APP_API_TOKEN", APP_TOKEN)
+        .env("DAPR_API_TOKEN", API_TOKEN);
+    Running::start(&mut cmd, "app listening for daprd on ")
+}
+
+pub fn order(id: &str, sku: &str, price: u64) -> serde_json::Value {
+    serde_json::json!({"id": id, "customer": "acme <&> co", "items": [{"sku": sku, "qty": 2, "price_cents": price}]})
+}
+
+pub fn post(app: &App, content_type: &str, body: &[u8]) -> (u16, String) {
+    let (status, body) = http(([127, 0, 0, 1], app.app_port).into(), "POST", "/produce", content_type, body).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A directory for a test's processes, state and logs: removed after the
+/// test, or kept (and its path printed) when `WASM_PC_E2E_KEEP` is set, to
+/// read the logs.
+pub fn workdir() -> tempfile::TempDir {
+    let keep = std::env::var_os("WASM_PC_E2E_KEEP").is_some();
+    let dir = tempfile::Builder::new().prefix("wasm-pc-e2e-").disable_cleanup(keep).tempdir().unwrap();
+    if keep {
+        eprintln!("e2e: keeping {}", dir.path().display());
+    }
+    dir
+}
+
+/// Posts `count` sample orders to the producer, 100 a request, and waits
+/// until `settled()` (what the consumer has finished) reaches `count`.
+/// Returns the time from the first request to the last settlement.
+pub fn drive(producer: &App, count: usize, within: Duration, mut settled: impl FnMut() -> usize) -> Duration {
+    let started = Instant::now();
+    for batch in 0..count.div_ceil(100) {
+        let orders: Vec<_> =
+            (batch * 100..((batch + 1) * 100).min(count)).map(|i| order(&format!("b-{i}"), "A", 100)).collect();
+        let (status, body) = post(producer, "application/json", &serde_json::to_vec(&orders).unwrap());
+        assert_eq!(status, 202, "{body}");
+    }
+    let deadline = started + within;
+    loop {
+        let done = settled();
+        if done >= count {
+            return started.elapsed();
+        }
+        assert!(Instant::now() < deadline, "{done} of {count} settled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// CPU seconds a process has used (user + system), from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
