@@ -303,6 +303,10 @@ impl Dispatcher {
         let slot = self.producer.as_ref().ok_or(ProduceError::NoProducer)?;
         let module = slot.current().ok_or(ProduceError::NotLoaded)?;
         self.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(self.runtime.produce(&module, request, Arc::clone(&self.outbound)).await?)
+        let answer = self.runtime.produce(&module, request, Arc::clone(&self.outbound)).await;
+        if let Err(e) = &answer {
+            self.metrics.record_failure(&e.kind);
+        }
+        Ok(answer?)
     }
 }

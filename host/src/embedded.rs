@@ -264,6 +264,7 @@ impl Pool {
                         options: &pool.options,
                         lock,
                         attempt,
+                        patience: pool.lock_duration(),
                     };
                     dispatcher.deliver("embedded", to_message(received), settle).await;
                     renewing.abort();
@@ -295,14 +296,35 @@ async fn renew(queue: QueueHandle, lock: crate::queue::Lock, duration: Duration)
     }
 }
 
-/// Settles a delivery in the queue, under its lock. A settle that fails
-/// leaves the message locked; it comes back when the lock expires.
+/// Settles a delivery in the queue, under its lock. A settle the database
+/// refuses for now (busy, full) is tried again while the lock is renewed,
+/// for up to `patience`: giving up means the guest runs again. One that
+/// still fails leaves the message locked; it comes back when the lock
+/// expires.
 struct Settler<'a> {
     queue: &'a QueueHandle,
     metrics: &'a Metrics,
     options: &'a PoolOptions,
     lock: crate::queue::Lock,
     attempt: u32,
+    patience: Duration,
+}
+
+impl Settler<'_> {
+    async fn settle(&self, how: Settle) -> Result<Settled, QueueError> {
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.queue.settle(self.lock, how.clone()).await {
+                Err(error) if error.is_transient() && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::warn!(%error, retry_in = ?pause, "cannot settle yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
 }
 
 impl Acknowledge for Settler<'_> {
@@ -319,7 +341,7 @@ impl Acknowledge for Settler<'_> {
             }
         };
         let abandoned = Settlement::Abandon { reason: "not settled; the lock will expire".into() };
-        match self.queue.settle(self.lock, how).await {
+        match self.settle(how).await {
             Ok(Settled::Completed) => ((), Settlement::Complete),
             Ok(Settled::DeadLettered) => {
                 let reason = match delivery.settlement {

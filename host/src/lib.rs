@@ -22,6 +22,8 @@ mod cli;
 pub mod dapr;
 pub mod dispatch;
 pub mod embedded;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod host;
 pub mod http;
 pub mod metrics;

@@ -97,14 +97,19 @@ impl Metrics {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if let Some(kind) = failure {
-            let counter = match kind {
-                FailureKind::Trap(_) | FailureKind::Instantiate(_) => &self.traps,
-                FailureKind::Timeout(spent) if spent.in_host_call() => &self.host_call_timeouts,
-                FailureKind::Timeout(_) => &self.timeouts,
-                FailureKind::ResourceLimit { .. } => &self.limits,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            self.record_failure(kind);
         }
+    }
+
+    /// Counts an invocation the host ended (a consumer's or a producer's), by why.
+    pub fn record_failure(&self, kind: &FailureKind) {
+        let counter = match kind {
+            FailureKind::Trap(_) | FailureKind::Instantiate(_) => &self.traps,
+            FailureKind::Timeout(spent) if spent.in_host_call() => &self.host_call_timeouts,
+            FailureKind::Timeout(_) => &self.timeouts,
+            FailureKind::ResourceLimit { .. } => &self.limits,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -9,7 +9,9 @@
 //! (retries with this build's flavor as the reason), `tag` (sends
 //! `<flavor> <id>` to the `tags` binding, then succeeds), `count` (retries
 //! with how many calls this instance has served, so tests see reuse),
-//! `levels` (retries with the log levels the host has enabled).
+//! `levels` (retries with the log levels the host has enabled), `panic`
+//! (a Rust panic), `send-many:<binding>:<n>` (sends `n` messages to
+//! `binding` from one invocation, then succeeds).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -60,6 +62,7 @@ impl Guest for Misbehaving {
             "retry" => Err(ConsumeError::Retry("asked to retry".into())),
             "reject" => Err(ConsumeError::Reject("asked to reject".into())),
             "trap" => std::process::abort(),
+            "panic" => panic!("asked to panic"),
             "loop" => spin(),
             "alloc" => hoard(),
             "recurse" => Ok(recurse(1).map(|_| ())?),
@@ -81,6 +84,10 @@ impl Guest for Misbehaving {
                         .map(|_| ())
                         .map_err(|e| ConsumeError::Retry(format!("{e:?}")));
                 }
+                if let Some((binding, n)) = other.strip_prefix("send-many:").and_then(|rest| rest.rsplit_once(':')) {
+                    let n: u32 = n.parse().map_err(|_| ConsumeError::Reject(format!("bad count in {other:?}")))?;
+                    return send_many(&message.id, binding, n);
+                }
                 if let Some(ms) = other.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                     return Ok(());
@@ -92,6 +99,20 @@ impl Guest for Misbehaving {
             }
         }
     }
+}
+
+/// Sends `<id> <i>` for i in 0..n: output of any size from one invocation.
+fn send_many(id: &str, binding: &str, n: u32) -> Result<(), ConsumeError> {
+    for i in 0..n {
+        let out = OutboundMessage {
+            id: Some(format!("{id}-{i}")),
+            body: format!("{id} {i}").into_bytes(),
+            content_type: Some("text/plain".into()),
+            metadata: vec![],
+        };
+        outbound::send(binding, &out).map_err(|e| ConsumeError::Retry(format!("send {i} of {n}: {e:?}")))?;
+    }
+    Ok(())
 }
 
 fn spin() -> ! {

@@ -178,40 +178,56 @@ impl DaprClient {
             request = request.header("traceparent", tp);
         }
         let request = request.body(Full::new(body)).map_err(|e| BindingError::Unreachable(e.to_string()))?;
-        let response = match tokio::time::timeout(self.retry.timeout, self.http.request(request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => return Err(BindingError::Unreachable(e.to_string())),
+        // The whole answer, body included: one broken off midway is not a
+        // success, whatever its status line said.
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| BindingError::Unreachable(e.to_string()))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| BindingError::Unreachable(format!("daprd's answer ({status}) broke off: {e}")))?;
+            Ok((status, body.to_bytes()))
+        };
+        let (status, body) = match tokio::time::timeout(self.retry.timeout, exchange).await {
+            Ok(answer) => answer?,
             Err(_) => {
                 return Err(BindingError::Unreachable(format!("no answer within {:?}", self.retry.timeout)));
             }
         };
-        let status = response.status();
-        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         if status.is_success() {
             return Ok(());
         }
-        let text = String::from_utf8_lossy(&body).trim().to_string();
-        let (code, message) = match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(v) => (
-                v["errorCode"].as_str().unwrap_or_default().to_string(),
-                v["message"].as_str().map(str::to_string).unwrap_or_else(|| text.clone()),
-            ),
-            Err(_) => (String::new(), text),
-        };
-        Err(match status {
-            StatusCode::UNAUTHORIZED => BindingError::Unauthorized(message),
-            StatusCode::BAD_REQUEST => BindingError::Malformed { code, message },
-            _ if code == "ERR_INVOKE_OUTPUT_BINDING"
-                && (message.contains("not found") || message.contains("couldn't find")) =>
-            {
-                BindingError::UnknownBinding(target.to_string(), message)
-            }
-            StatusCode::NOT_FOUND if code.starts_with("ERR_PUBSUB") || code == "ERR_TOPIC_NAME_EMPTY" => {
-                BindingError::UnknownBinding(target.to_string(), message)
-            }
-            StatusCode::FORBIDDEN => BindingError::Malformed { code, message },
-            _ => BindingError::Failed { status: status.as_u16(), code, message },
-        })
+        Err(error_answer(status, &body, target))
+    }
+}
+
+/// What daprd's answer to a failed POST means: its status and body (Dapr's
+/// `{"errorCode": ..., "message": ...}`, or any text) as a [`BindingError`];
+/// `target` names the binding or topic.
+pub(crate) fn error_answer(status: StatusCode, body: &[u8], target: &str) -> BindingError {
+    let text = String::from_utf8_lossy(body).trim().to_string();
+    let (code, message) = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => (
+            v["errorCode"].as_str().unwrap_or_default().to_string(),
+            v["message"].as_str().map(str::to_string).unwrap_or_else(|| text.clone()),
+        ),
+        Err(_) => (String::new(), text),
+    };
+    match status {
+        StatusCode::UNAUTHORIZED => BindingError::Unauthorized(message),
+        StatusCode::BAD_REQUEST => BindingError::Malformed { code, message },
+        _ if code == "ERR_INVOKE_OUTPUT_BINDING"
+            && (message.contains("not found") || message.contains("couldn't find")) =>
+        {
+            BindingError::UnknownBinding(target.to_string(), message)
+        }
+        StatusCode::NOT_FOUND if code.starts_with("ERR_PUBSUB") || code == "ERR_TOPIC_NAME_EMPTY" => {
+            BindingError::UnknownBinding(target.to_string(), message)
+        }
+        StatusCode::FORBIDDEN => BindingError::Malformed { code, message },
+        _ => BindingError::Failed { status: status.as_u16(), code, message },
     }
 }
 

@@ -8,7 +8,8 @@
 //! Each command is one all-or-nothing step (a savepoint): one that fails
 //! midway leaves nothing behind and its caller gets the error, while the
 //! rest of the group commits. If SQLite itself aborts the transaction (a
-//! full disk), nothing in the group commits and every caller gets that error.
+//! full disk), the group's sends fail with that error and the rest of the
+//! group runs again without them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -112,6 +113,11 @@ impl Command {
             Command::Peek { reply, .. } => drop(reply.send(Err(error))),
             Command::CancelScheduled { reply, .. } => drop(reply.send(Err(error))),
         }
+    }
+
+    /// Whether it stores new messages: what a full database refuses.
+    fn grows(&self) -> bool {
+        matches!(self, Command::Send { .. })
     }
 
     /// Whether committing it may make messages receivable.
@@ -225,15 +231,12 @@ impl QueueHandle {
     }
 }
 
-fn run(mut db: Database, mut rx: mpsc::Receiver<Command>, arrivals: &Notify) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(command) => group.push(command),
-                Err(_) => break,
-            }
-        }
+/// Runs `group` in one transaction and answers every command. When the
+/// database is full, SQLite rolls the whole transaction back: the commands
+/// that add data fail with that error, and the rest (settles, receives,
+/// renewals, which free space or need none) run again without them.
+fn commit(db: &mut Database, mut group: Vec<Command>, arrivals: &Notify) {
+    loop {
         let added = group.iter().any(Command::adds);
         let result = db.write(|ops| {
             let mut outcomes = Vec::with_capacity(group.len());
@@ -258,14 +261,40 @@ fn run(mut db: Database, mut rx: mpsc::Receiver<Command>, arrivals: &Notify) {
                 if added {
                     arrivals.notify_waiters();
                 }
+                return;
+            }
+            Err(error @ QueueError::DiskFull(_)) if group.iter().any(Command::grows) => {
+                let (grows, rest): (Vec<Command>, Vec<Command>) = group.into_iter().partition(Command::grows);
+                tracing::warn!(%error, refused = grows.len(), retried = rest.len(), "queue full: sends refused");
+                for command in grows {
+                    command.fail(error.clone());
+                }
+                if rest.is_empty() {
+                    return;
+                }
+                group = rest;
             }
             Err(error) => {
                 tracing::error!(%error, commands = group.len(), "queue transaction failed; nothing in it was applied");
                 for command in group {
                     command.fail(error.clone());
                 }
+                return;
             }
         }
+    }
+}
+
+fn run(mut db: Database, mut rx: mpsc::Receiver<Command>, arrivals: &Notify) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(command) => group.push(command),
+                Err(_) => break,
+            }
+        }
+        commit(&mut db, group, arrivals);
     }
     tracing::debug!(path = db.path(), "queue thread stopped");
 }

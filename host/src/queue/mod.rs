@@ -268,6 +268,14 @@ pub enum QueueError {
     Closed,
 }
 
+impl QueueError {
+    /// Whether the same command may succeed if tried again shortly: the
+    /// database is busy or full, not the command wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, QueueError::Busy { .. } | QueueError::DiskFull(_) | QueueError::Sqlite(_))
+    }
+}
+
 /// Milliseconds since the Unix epoch: locks and schedules survive restarts,
 /// so they are wall-clock times.
 pub fn now_ms() -> i64 {

@@ -469,9 +469,11 @@ pub struct TimeSpent {
 }
 
 impl TimeSpent {
-    /// Whether the time ran out while the guest waited on the host.
+    /// Whether the host, not the guest's own code, took the time: it ran out
+    /// during a host call, or host calls took most of it (a send that
+    /// returned just before the deadline the guest then met).
     pub fn in_host_call(&self) -> bool {
-        self.waiting_on.is_some()
+        self.waiting_on.is_some() || self.in_host_calls * 2 >= self.limit
     }
 }
 
@@ -486,6 +488,11 @@ impl std::fmt::Display for TimeSpent {
                     self.limit
                 )
             }
+            None if self.in_host_call() => write!(
+                f,
+                "the {:?} time limit ran out, {host:.2} s of it waiting on the host in host calls",
+                self.limit
+            ),
             None if host > 0.0 => {
                 write!(f, "the {:?} time limit ran out in guest code ({host:.2} s of it in host calls)", self.limit)
             }
@@ -507,5 +514,30 @@ fn spawn_epoch_ticker(engine: &Engine) {
     });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the epoch ticker; guest time limits will not be enforced");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spent(host_ms: u64, waiting_on: Option<&str>) -> TimeSpent {
+        TimeSpent {
+            limit: Duration::from_secs(5),
+            in_host_calls: Duration::from_millis(host_ms),
+            waiting_on: waiting_on.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_deadline_met_after_a_long_host_call_is_the_hosts() {
+        // A send that returned at 5.04 s, and the guest's next instruction met the deadline.
+        let late = spent(5_040, None);
+        assert!(late.in_host_call());
+        assert!(late.to_string().contains("5.04 s of it waiting on the host"), "{late}");
+        assert!(spent(10, Some("outbound.send")).in_host_call());
+        let busy_guest = spent(1_000, None);
+        assert!(!busy_guest.in_host_call());
+        assert!(busy_guest.to_string().contains("in guest code"), "{busy_guest}");
     }
 }

@@ -271,6 +271,10 @@ impl Connection {
         let mut wrote = Instant::now();
         let tick = self.heartbeat.unwrap_or(Duration::from_secs(15)).min(Duration::from_secs(15));
         let mut ticker = tokio::time::interval(tick);
+        // What the client pipelined behind its open (pyamqp sends begin and
+        // attaches with it) may have come in with it: it waits for answers,
+        // so no more bytes would come to make us look.
+        self.on_input()?;
         while !self.closing {
             tokio::select! {
                 read = self.reader.read_buf(&mut self.input) => {
@@ -278,9 +282,7 @@ impl Connection {
                         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                     }
                     heard = Instant::now();
-                    while let Some(frame) = frame::take(&mut self.input, MAX_FRAME as usize)? {
-                        self.on_frame(frame)?;
-                    }
+                    self.on_input()?;
                 }
                 Some(event) = events.recv() => self.on_event(event),
                 _ = ticker.tick() => {
@@ -305,6 +307,14 @@ impl Connection {
             if let Event::Fetched { result: Ok(received), .. } = event {
                 self.release(received);
             }
+        }
+        Ok(())
+    }
+
+    /// Handles every whole frame read so far.
+    fn on_input(&mut self) -> Result<(), Fatal> {
+        while let Some(frame) = frame::take(&mut self.input, MAX_FRAME as usize)? {
+            self.on_frame(frame)?;
         }
         Ok(())
     }
@@ -989,10 +999,10 @@ impl Connection {
         match &node {
             Node::Cbs => {
                 let (response, grant) = cbs::put_token(&self.shared.auth, &request);
-                if let Some(path) = grant {
-                    if !self.authorized.contains(&path) {
-                        self.authorized.push(path);
-                    }
+                if let Some(path) = grant
+                    && !self.authorized.contains(&path)
+                {
+                    self.authorized.push(path);
                 }
                 let message = response.encode(&request);
                 self.on_reply(channel, node, reply_to, message);
@@ -1094,11 +1104,11 @@ impl Connection {
 
     fn on_detach(&mut self, channel: u16, detach: Detach) {
         let handle = detach.handle.0;
-        if let Some(session) = self.sessions.get_mut(&channel) {
-            if let Some(link) = session.links.remove(&handle) {
-                session.unsettled.retain(|_, u| u.link != link.id);
-                tracing::debug!(name = %link.name, "link detached");
-            }
+        if let Some(session) = self.sessions.get_mut(&channel)
+            && let Some(link) = session.links.remove(&handle)
+        {
+            session.unsettled.retain(|_, u| u.link != link.id);
+            tracing::debug!(name = %link.name, "link detached");
         }
         self.send(channel, Performative::Detach(Detach { handle: Handle(handle), closed: detach.closed, error: None }));
     }
@@ -1189,10 +1199,10 @@ impl FetchSpec {
                     };
                     // A link that went away meanwhile is the connection's to
                     // release; a connection that went away, ours.
-                    if let Err(unsent) = events.send(Event::Fetched { channel, link, result }) {
-                        if let Event::Fetched { result: Ok(received), .. } = unsent.0 {
-                            give_back(&queue, received).await;
-                        }
+                    if let Err(unsent) = events.send(Event::Fetched { channel, link, result })
+                        && let Event::Fetched { result: Ok(received), .. } = unsent.0
+                    {
+                        give_back(&queue, received).await;
                     }
                     return;
                 }
@@ -1302,28 +1312,32 @@ mod tests {
         /// Header and Open, both ways.
         async fn open(&mut self) {
             self.stream.write_all(&frame::AMQP_HEADER).await.unwrap();
-            self.send(
-                0,
-                Performative::Open(Open {
-                    container_id: "test".into(),
-                    hostname: None,
-                    max_frame_size: MaxFrameSize(MAX_FRAME),
-                    channel_max: ChannelMax(16),
-                    idle_time_out: None,
-                    outgoing_locales: None,
-                    incoming_locales: None,
-                    offered_capabilities: None,
-                    desired_capabilities: None,
-                    properties: None,
-                }),
-            )
-            .await;
+            self.send(0, open()).await;
+            self.header().await;
+            assert!(matches!(self.next().await, Performative::Open(_)));
+        }
+
+        async fn header(&mut self) {
             while self.input.len() < 8 {
                 self.stream.read_buf(&mut self.input).await.unwrap();
             }
             assert_eq!(self.input.split_to(8)[..], frame::AMQP_HEADER);
-            assert!(matches!(self.next().await, Performative::Open(_)));
         }
+    }
+
+    fn open() -> Performative {
+        Performative::Open(Open {
+            container_id: "test".into(),
+            hostname: None,
+            max_frame_size: MaxFrameSize(MAX_FRAME),
+            channel_max: ChannelMax(16),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
     }
 
     fn begin() -> Performative {
@@ -1369,6 +1383,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(again.message.delivery_count, 1, "the fetch's delivery did not count");
+    }
+
+    #[tokio::test]
+    async fn frames_pipelined_behind_the_open_are_answered() {
+        // pyamqp writes open, begin and its attaches at once, then waits.
+        let mut client = Client::connect().await;
+        let mut burst = frame::AMQP_HEADER.to_vec();
+        frame::write(&mut burst, 0, &open(), &[]);
+        frame::write(&mut burst, 3, &begin(), &[]);
+        client.stream.write_all(&burst).await.unwrap();
+        client.header().await;
+        assert!(matches!(client.next().await, Performative::Open(_)));
+        assert!(matches!(client.next().await, Performative::Begin(Begin { remote_channel: Some(3), .. })));
     }
 
     #[tokio::test]

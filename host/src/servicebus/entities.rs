@@ -176,7 +176,7 @@ fn iso_duration(text: &str) -> Result<Option<Duration>, String> {
     };
     add(days, &[('D', 86_400.0), ('W', 604_800.0)])?;
     add(time, &[('H', 3_600.0), ('M', 60.0), ('S', 1.0)])?;
-    if !(seconds > 0.0) {
+    if seconds.is_nan() || seconds <= 0.0 {
         return Err(format!("{text:?} is not a positive duration"));
     }
     Ok((seconds < 10_000.0 * 86_400.0).then(|| Duration::from_secs_f64(seconds)))

@@ -42,6 +42,7 @@ pub enum FrameError {
 
 /// A whole frame read off the wire.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "one frame is handled at a time; boxing would only add an allocation")]
 pub enum Frame {
     /// An empty frame: the peer is alive.
     Heartbeat,

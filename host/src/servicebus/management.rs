@@ -40,7 +40,9 @@ pub async fn handle(queue: &QueueHandle, name: &str, sub: SubQueue, request: &Re
             Err(Response::error(404, "amqp:not-implemented", format!("operation {other:?} is not supported here")))
         }
     };
-    outcome.unwrap_or_else(|response| response)
+    let response = outcome.unwrap_or_else(|response| response);
+    tracing::debug!(queue = name, operation, status = response.status, "management request");
+    response
 }
 
 fn bad_request(detail: impl Into<String>) -> Response {
@@ -52,6 +54,9 @@ fn queue_error(error: QueueError) -> Response {
         QueueError::LockLost { id } => {
             Response::error(410, LOCK_LOST, format!("the lock on message {id} was lost (expired or already settled)"))
         }
+        // Settled (or purged) meanwhile: to the client, as on Service Bus,
+        // its lock is lost.
+        gone @ QueueError::Gone { .. } => Response::error(410, LOCK_LOST, gone.to_string()),
         other => Response::error(500, "amqp:internal-error", other.to_string()),
     }
 }
@@ -215,6 +220,27 @@ mod tests {
             (Amqp::string("receiver-settle-mode"), Amqp::Uint(1)),
         ]);
         request("com.microsoft:receive-by-sequence-number", body)
+    }
+
+    #[tokio::test]
+    async fn settling_a_settled_message_is_a_lost_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions::with_defaults(QueueOptions::default());
+        let queue = QueueHandle::open(&dir.path().join("q.db"), options).unwrap();
+        queue.send("q", vec![NewMessage::default()]).await.unwrap();
+        let received = queue.receive_from("q", SubQueue::Active, 1, ReceiveMode::PeekLock).await.unwrap();
+        let complete = || {
+            let tokens = Amqp::Array(ArrayOf::Uuid, vec![Amqp::Uuid(received[0].lock.token())]);
+            let body = Amqp::Map(vec![
+                (Amqp::string("lock-tokens"), tokens),
+                (Amqp::string("disposition-status"), Amqp::string("completed")),
+            ]);
+            request("com.microsoft:update-disposition", body)
+        };
+        assert_eq!(handle(&queue, "q", SubQueue::Active, &complete()).await.status, 200);
+        // The SDKs raise MessageLockLostError for a 410, not a server error.
+        let again = handle(&queue, "q", SubQueue::Active, &complete()).await;
+        assert_eq!((again.status, again.condition.as_deref()), (410, Some(LOCK_LOST)));
     }
 
     #[tokio::test]

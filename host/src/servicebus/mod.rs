@@ -22,11 +22,11 @@
 pub mod cbs;
 mod connection;
 pub mod entities;
-mod frame;
+pub(crate) mod frame;
 mod link;
 mod management;
 pub mod message;
-mod request;
+pub(crate) mod request;
 #[cfg(test)]
 mod robustness;
 pub mod sas;

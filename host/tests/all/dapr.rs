@@ -10,18 +10,18 @@ use http_body_util::{BodyExt, Full};
 use crate::process::{Running, command};
 use crate::sidecar::{Broker, Config, Event, Input, PubSubConfig, PubSubOutcome, SbMessage, Sidecar, eventually};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-struct Host {
+pub(crate) struct Host {
     running: Option<Running>,
-    port: u16,
+    pub port: u16,
 }
 
 impl Host {
     /// Starts `wasm-pc serve` on a free port, with extra args and env.
-    fn start(role: &str, dapr_port: u16, args: &[&str], env: &[(&str, &str)]) -> Host {
+    pub(crate) fn start(role: &str, dapr_port: u16, args: &[&str], env: &[(&str, &str)]) -> Host {
         let port = free_port();
         let mut cmd =
             command(&["serve", "--role", role, "--app-port", &port.to_string(), "--listen-address", "127.0.0.1"]);
@@ -36,13 +36,24 @@ impl Host {
         Host { running: Some(running), port }
     }
 
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    /// The host's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.running.as_ref().map(|r| r.child.id()).unwrap_or_default()
+    }
+
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         let running = self.running.take().unwrap();
         tokio::task::block_in_place(|| running.terminate())
     }
 }
 
-async fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Vec<u8>) {
+pub(crate) async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
     let client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut req = hyper::Request::builder().method(method).uri(format!("http://127.0.0.1:{port}{path}"));
@@ -54,7 +65,7 @@ async fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], 
     (status, response.into_body().collect().await.unwrap().to_bytes().to_vec())
 }
 
-async fn metric(port: u16, name: &str) -> u64 {
+pub(crate) async fn metric(port: u16, name: &str) -> u64 {
     let (_, body) = request(port, "GET", "/metrics", &[], vec![]).await;
     let text = String::from_utf8(body).unwrap();
     text.lines()
@@ -62,7 +73,7 @@ async fn metric(port: u16, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
-fn order(id: &str) -> serde_json::Value {
+pub(crate) fn order(id: &str) -> serde_json::Value {
     serde_json::json!({"id": id, "customer": "acme <&> co", "items": [{"sku": "A", "qty": 2, "price_cents": 350}]})
 }
 
@@ -497,7 +508,7 @@ fn pubsub_events(sidecar: &Sidecar) -> Vec<(String, u32, PubSubOutcome, serde_js
         .events()
         .into_iter()
         .filter_map(|e| match e {
-            Event::Event { id, attempt, outcome, body } => Some((id, attempt, outcome, body)),
+            Event::TopicDelivery { id, attempt, outcome, body } => Some((id, attempt, outcome, body)),
             _ => None,
         })
         .collect()

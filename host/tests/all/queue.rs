@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use wasm_pc::queue::{
-    Database, Depth, NewMessage, PurgeTarget, QueueError, QueueHandle, QueueOptions, Settle, Settled, StoreOptions,
-    SubQueue, now_ms,
+    Database, Depth, NewMessage, PurgeTarget, QueueError, QueueHandle, QueueOptions, ReceiveMode, Settle, Settled,
+    StoreOptions, SubQueue, now_ms,
 };
 
 fn options(lock_ms: u64, max_deliveries: u32) -> QueueOptions {
@@ -55,10 +55,7 @@ fn peek_lock_complete_and_fields_round_trip() {
     assert_eq!(db.depth("orders").unwrap(), Depth { active: 0, locked: 2, ..Depth::default() });
 
     assert_eq!(db.settle(got[0].lock, Settle::Complete).unwrap(), Settled::Completed);
-    assert!(
-        matches!(db.settle(got[0].lock, Settle::Complete), Err(QueueError::Gone { .. })),
-        "settling twice fails"
-    );
+    assert!(matches!(db.settle(got[0].lock, Settle::Complete), Err(QueueError::Gone { .. })), "settling twice fails");
     assert_eq!(db.depth("orders").unwrap().locked, 1);
     assert!(db.depth("other").unwrap() == Depth::default(), "queues are separate");
 }
@@ -462,6 +459,43 @@ async fn every_command_in_a_group_is_all_or_nothing() {
     let stored: std::collections::BTreeSet<String> =
         queue.peek("q", SubQueue::Active, 0, 100_000).await.unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(stored, accepted, "exactly the acknowledged batches are stored: no partial batch, nothing refused");
+}
+
+/// A full database refuses sends, yet settles that share their transaction
+/// still commit: a consumer's work is not repeated because a producer hit
+/// the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_database_still_settles_what_shares_a_group_with_refused_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { max_bytes: Some(256 << 10), ..StoreOptions::default() };
+    let queue = QueueHandle::open(&dir.path().join("q.db"), options).unwrap();
+    let small = |i: usize| NewMessage { id: Some(format!("m{i}")), body: vec![1u8; 4 << 10], ..NewMessage::default() };
+    let mut stored = 0;
+    while queue.send("q", vec![small(stored)]).await.is_ok() {
+        stored += 1;
+        assert!(stored < 1_000, "the cap was never hit");
+    }
+    let locked = queue.receive_from("q", SubQueue::Active, stored, ReceiveMode::PeekLock).await.unwrap();
+    assert_eq!(locked.len(), stored);
+
+    // Settles and sends that cannot fit, all at once, so they share groups.
+    let mut settles = Vec::new();
+    let mut sends = Vec::new();
+    for (i, received) in locked.iter().enumerate() {
+        let (q, lock) = (queue.clone(), received.lock);
+        settles.push(tokio::spawn(async move { q.settle(lock, Settle::Complete).await }));
+        let q = queue.clone();
+        let too_big = NewMessage { id: Some(format!("big{i}")), body: vec![2u8; 300 << 10], ..NewMessage::default() };
+        sends.push(tokio::spawn(async move { q.send("q", vec![too_big]).await }));
+    }
+    for send in sends {
+        let refused = send.await.unwrap().unwrap_err();
+        assert!(matches!(refused, QueueError::DiskFull(_)), "{refused}");
+    }
+    for settle in settles {
+        assert_eq!(settle.await.unwrap().unwrap(), Settled::Completed);
+    }
+    assert_eq!(queue.depth("q").await.unwrap(), Depth::default(), "every settle committed");
 }
 
 /// A message purged while it was being delivered is gone, not "redelivered

@@ -100,7 +100,7 @@ pub enum Event {
         body: serde_json::Value,
     },
     /// A pub/sub delivery and the status daprd read from the answer.
-    Event {
+    TopicDelivery {
         id: String,
         attempt: u32,
         outcome: PubSubOutcome,
@@ -512,8 +512,8 @@ fn query_unescape(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() + 0 && u8::from_str_radix(&s[i + 1..i + 3], 16).is_ok() => {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            b'%' if let Some(byte) = s.get(i + 1..i + 3).and_then(|hex| u8::from_str_radix(hex, 16).ok()) => {
+                out.push(byte);
                 i += 3;
             }
             b'+' => {
@@ -833,7 +833,7 @@ async fn deliver_event(
     };
     let outcome = read_answer(status, &answer);
     let id = body["id"].as_str().unwrap_or_default().to_string();
-    events.lock().unwrap().push(Event::Event { id, attempt: message.delivery_count, outcome, body });
+    events.lock().unwrap().push(Event::TopicDelivery { id, attempt: message.delivery_count, outcome, body });
     outcome
 }
 

@@ -6,6 +6,7 @@ The binary is `$WASM_PC_BIN` (e.g. target/debug/wasm-pc); the suite refuses
 to run without it rather than guess which build to test.
 """
 
+import atexit
 import json
 import os
 import signal
@@ -18,6 +19,10 @@ import pytest
 
 # How long an endpoint may take to print its connection string.
 START_TIMEOUT_SECS = 30
+# How long a test may take unless marked `@pytest.mark.budget(secs)`. The
+# SDK retries and waits up to 60 s for a missing answer, so an endpoint that
+# drops one would otherwise pass, slowly.
+DEFAULT_BUDGET_SECS = 30
 BANNER = "Service Bus endpoint: "
 
 
@@ -38,11 +43,13 @@ def endpoint_binary() -> str:
 class Endpoint:
     """A running endpoint: its connection string, and its log for failures."""
 
-    def __init__(self, directory: Path, args: list):
+    def __init__(self, directory: Path, args: list, mode=("servicebus", "--port", "0")):
         self.directory = directory
         self.log_path = directory / "endpoint.log"
         self.connection_string = None
-        command = [endpoint_binary(), "servicebus", "--port", "0", "--db", str(directory / "queue.db"), *args]
+        # `mode` is the subcommand serving the endpoint: `servicebus`, or `dev`
+        # with its guests.
+        command = [endpoint_binary(), *mode, "--db", str(directory / "queue.db"), *args]
         self._log = open(self.log_path, "wb")
         # Port 0: the endpoint binds a free port and prints it, so no race for one.
         self.process = subprocess.Popen(
@@ -105,11 +112,19 @@ def emulator_config(queues: dict) -> str:
 LIVE = []
 
 
-def _start(directory: Path, args: list, config=None) -> Endpoint:
+@atexit.register
+def _kill_leftovers():
+    # Teardown stops them; this covers a run interrupted before it.
+    for endpoint in LIVE:
+        if endpoint.process.poll() is None:
+            endpoint.process.kill()
+
+
+def _start(directory: Path, args: list, config=None, mode=("servicebus", "--port", "0")) -> Endpoint:
     if config is not None:
         (directory / "config.json").write_text(emulator_config(config))
         args = [*args, "--config", str(directory / "config.json")]
-    endpoint = Endpoint(directory, args)
+    endpoint = Endpoint(directory, args, mode)
     LIVE.append(endpoint)
     return endpoint
 
@@ -133,12 +148,13 @@ def servicebus(request, tmp_path_factory):
 
 @pytest.fixture
 def start_endpoint(tmp_path_factory):
-    """Starts an endpoint of the test's own: `start_endpoint(args, config=None)`
-    with command-line flags and/or emulator-style queues; stopped after it."""
+    """Starts an endpoint of the test's own: `start_endpoint(args, config=None,
+    mode=...)` with command-line flags and/or emulator-style queues, served by
+    `wasm-pc servicebus` or the `mode` subcommand given; stopped after it."""
     started = []
 
-    def start(args, config=None):
-        endpoint = _start(tmp_path_factory.mktemp("servicebus"), args, config)
+    def start(args, config=None, mode=("servicebus", "--port", "0")):
+        endpoint = _start(tmp_path_factory.mktemp("servicebus"), args, config, mode)
         started.append(endpoint)
         return endpoint
 
@@ -155,3 +171,19 @@ def pytest_runtest_makereport(item, call):
         for endpoint in LIVE:
             report.sections.append((f"endpoint log {endpoint.log_path}", endpoint.log()))
     return report
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "budget(secs): the test fails if it runs longer (default 30 s)")
+
+
+@pytest.fixture(autouse=True)
+def time_budget(request):
+    """Fails a test that ran past its budget, even if it passed."""
+    marker = request.node.get_closest_marker("budget")
+    budget = marker.args[0] if marker else DEFAULT_BUDGET_SECS
+    started = time.monotonic()
+    yield
+    took = time.monotonic() - started
+    if took > budget:
+        pytest.fail(f"took {took:.0f}s, over its {budget}s budget: a wait ran into an SDK time-out", pytrace=False)

@@ -33,10 +33,9 @@ from azure.servicebus.exceptions import (
     MessageLockLostError,
     MessageNotFoundError,
     MessageSizeExceededError,
-    ServiceBusConnectionError,
     MessagingEntityNotFoundError,
     ServiceBusAuthenticationError,
-    ServiceBusError,
+    ServiceBusConnectionError,
 )
 
 LOCK_SECS = 2
@@ -359,7 +358,7 @@ def test_batch_send_of_100(servicebus):
 def test_scheduled_message_appears_at_its_time(servicebus):
     with client(servicebus.connection_string) as sb:
         with sb.get_queue_sender("scheduled") as sender, sb.get_queue_receiver("scheduled") as receiver:
-            at = utcnow() + datetime.timedelta(seconds=3)
+            at = utcnow() + datetime.timedelta(seconds=4)
             # Both ways: the schedule operation, and a message that carries its time.
             (sequence,) = sender.schedule_messages(ServiceBusMessage("by operation"), at)
             sender.send_messages(ServiceBusMessage("by property", scheduled_enqueue_time_utc=at))
@@ -368,7 +367,8 @@ def test_scheduled_message_appears_at_its_time(servicebus):
             assert {str(m) for m in peeked} == {"by operation", "by property"}
             assert all(m.state == ServiceBusMessageState.SCHEDULED for m in peeked)
             assert all(abs((m.scheduled_enqueue_time_utc - at).total_seconds()) < 0.01 for m in peeked)
-            assert_empty(receiver, wait_secs=1)
+            # Not visible before its time.
+            assert_empty(receiver, wait_secs=max(0.1, min(1.0, (at - utcnow()).total_seconds() - 1)))
             got = receive(receiver, 2, within_secs=15, settle=receiver.complete_message)
             arrived = utcnow()
             assert {str(m) for m in got} == {"by operation", "by property"}
@@ -384,8 +384,9 @@ def test_cancel_scheduled_message(servicebus):
             keep, drop = sender.schedule_messages([ServiceBusMessage("keep"), ServiceBusMessage("drop")], at)
             sender.cancel_scheduled_messages(drop)
             assert [m.sequence_number for m in receiver.peek_messages(max_message_count=10)] == [keep]
-            got = receive(receiver, 2, within_secs=6, settle=receiver.complete_message)
+            got = receive(receiver, 1, within_secs=6, settle=receiver.complete_message)
             assert [str(m) for m in got] == ["keep"]
+            assert_empty(receiver)
 
 
 def test_peek(servicebus):
@@ -410,6 +411,7 @@ def test_peek(servicebus):
             assert receiver.peek_messages(max_message_count=5, sequence_number=1) == []
 
 
+@pytest.mark.budget(60)
 def test_5000_messages_round_trip(servicebus):
     total = 5_000
     started = time.monotonic()
@@ -433,16 +435,17 @@ def test_5000_messages_round_trip(servicebus):
                 for message in receiver.receive_messages(max_message_count=500, max_wait_time=5):
                     receiver.complete_message(message)
                     seen.append(message.message_id)
+            elapsed = time.monotonic() - started
             assert_empty(receiver, wait_secs=1)
-    elapsed = time.monotonic() - started
     assert len(seen) == total, f"{len(seen)} of {total} received"
     assert len(set(seen)) == total, "duplicates"
     assert set(seen) == {str(i) for i in range(total)}
+    # Shown with -s; from the debug binary when WASM_PC_BIN is a debug build.
     print(
         f"\n5000 round trip: send {sent_at - started:.1f}s, receive+complete {elapsed - (sent_at - started):.1f}s, "
         f"{total / elapsed:.0f} messages/s send+receive+complete"
     )
-    assert elapsed < 50
+    assert elapsed < 45
 
 
 def test_defer_and_receive_by_sequence_number(servicebus):
@@ -541,13 +544,13 @@ def test_default_ttl_by_flag(start_endpoint):
 
 
 def test_lock_duration_and_max_delivery_count_by_flag(start_endpoint):
-    endpoint = start_endpoint(["--queue", "flags", "--lock-secs", "1", "--max-delivery-count", "2"])
+    endpoint = start_endpoint(["--queue", "flags", "--lock-secs", "2", "--max-delivery-count", "2"])
     with client(endpoint.connection_string) as sb:
         with sb.get_queue_sender("flags") as sender:
             sender.send_messages(ServiceBusMessage("twice"))
         with sb.get_queue_receiver("flags") as receiver:
             first = receive_one(receiver)
-            assert first.locked_until_utc - utcnow() <= datetime.timedelta(seconds=1.5)
+            assert first.locked_until_utc - utcnow() <= datetime.timedelta(seconds=2.5)
             # Let the lock expire (delivery 1), then abandon delivery 2: that is the last.
             second = receive_one(receiver, within_secs=8)
             assert second.delivery_count == 1
@@ -561,7 +564,8 @@ def test_lock_duration_and_max_delivery_count_by_flag(start_endpoint):
 
 def test_an_oversized_message_is_refused(servicebus):
     # The endpoint refuses more than --servicebus-max-message-bytes (256 KiB);
-    # the SDK only checks the body, so this reaches the endpoint.
+    # the SDK does not check a single message's size itself, so this reaches
+    # the endpoint.
     with client(servicebus.connection_string, retry_total=0) as sb:
         with sb.get_queue_sender("oversized") as sender:
             with pytest.raises(MessageSizeExceededError):
@@ -633,18 +637,16 @@ def test_deferred_messages_dead_letter_and_receive_and_delete(servicebus):
 
 def test_competing_receivers_share_without_duplicates(servicebus):
     total = 1_000
-    with client(servicebus.connection_string) as sb:
-        with sb.get_queue_sender("competing") as sender:
-            for start in range(0, total, 250):
-                sender.send_messages([ServiceBusMessage(f"c{i}", message_id=str(i)) for i in range(start, start + 250)])
     seen = [[], []]
     errors = []
+    ready = threading.Barrier(3, timeout=30)
 
     def consume(slot):
         try:
             with client(servicebus.connection_string) as sb:
                 with sb.get_queue_receiver("competing", prefetch_count=50) as receiver:
-                    deadline = time.monotonic() + 30
+                    ready.wait()  # both receivers attached before anything is sent
+                    deadline = time.monotonic() + 20
                     while sum(map(len, seen)) < total and time.monotonic() < deadline:
                         for message in receiver.receive_messages(max_message_count=50, max_wait_time=2):
                             receiver.complete_message(message)
@@ -655,8 +657,13 @@ def test_competing_receivers_share_without_duplicates(servicebus):
     threads = [threading.Thread(target=consume, args=(slot,)) for slot in range(2)]
     for thread in threads:
         thread.start()
+    ready.wait()
+    with client(servicebus.connection_string) as sb:
+        with sb.get_queue_sender("competing") as sender:
+            for start in range(0, total, 250):
+                sender.send_messages([ServiceBusMessage(f"c{i}", message_id=str(i)) for i in range(start, start + 250)])
     for thread in threads:
-        thread.join(60)
+        thread.join(30)
     assert not errors, errors
     everything = seen[0] + seen[1]
     assert len(everything) == len(set(everything)) == total, (len(everything), len(set(everything)))

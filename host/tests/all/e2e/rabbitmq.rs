@@ -82,6 +82,28 @@ impl Rabbit {
         rabbit
     }
 
+    /// Waits until `queue` holds `count` messages ready (the management
+    /// API's figures lag by up to its stats interval, 5 s).
+    fn wait_for_depth(&self, queue: &str, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = Command::new("curl")
+                .args(["-s", "-u", "guest:guest"])
+                .arg(format!("http://127.0.0.1:{}/api/queues/%2F/{queue}", self.api))
+                .output()
+                .unwrap();
+            let ready = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v["messages_ready"].as_u64())
+                .unwrap_or(0);
+            if ready as usize >= count {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{queue} holds {ready} of {count}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Takes up to `count` messages off `queue` (acknowledged).
     fn take(&self, queue: &str, count: usize) -> Vec<serde_json::Value> {
         let body =
@@ -582,4 +604,142 @@ fn queue_exists(rabbit: &Rabbit, queue: &str) -> bool {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout) == "200"
+}
+
+/// The drain rate of a prefilled queue behind a real daprd, one consumer
+/// at a time, interleaved: (a) a null native app that only answers 200, (b)
+/// the host with the sample consumer and a fresh instance per message, (c)
+/// the host with instance reuse. 1 KiB orders; `cargo xtask bench-e2e`.
+#[test]
+#[ignore = "a benchmark; run with cargo xtask bench-e2e"]
+fn throughput_drain_behind_the_real_sidecar() {
+    const MESSAGES: usize = 5_000;
+    const ROUNDS: usize = 2;
+    let daprd = super::daprd();
+    let dir = super::workdir();
+    let root = dir.path();
+    let rabbit = Rabbit::start(&root.join("rabbit"));
+    component(&root.join("producer"), "orders", "drain", rabbit.amqp, Some("output"));
+    component(&root.join("consumer"), "orders", "drain", rabbit.amqp, Some("input"));
+    let producer = App::start(&daprd, "producer", root, &[]);
+    let customer = "c".repeat(900);
+
+    let variants: [(&str, &[&str]); 3] = [
+        ("null native app (200)", &[]),
+        ("wasm-pc, fresh instances", &[]),
+        ("wasm-pc, reuse 100", &["--instance-reuse", "100"]),
+    ];
+    let mut best = [0f64; 3];
+    for round in 0..ROUNDS {
+        for (v, (name, args)) in variants.iter().enumerate() {
+            let ids = (0..MESSAGES).map(|i| format!("d{round}-{v}-{i}"));
+            for batch in ids.collect::<Vec<_>>().chunks(100) {
+                let orders: Vec<_> = batch.iter().map(|id| order_for(id, &customer)).collect();
+                let (status, body) = post(&producer, "application/json", &serde_json::to_vec(&orders).unwrap());
+                assert_eq!(status, 202, "{body}");
+            }
+            rabbit.wait_for_depth("drain", MESSAGES, Duration::from_secs(60));
+            let (rate, cpu) = if v == 0 {
+                drain_null_app(&daprd, root, MESSAGES)
+            } else {
+                let mut app = App::start(&daprd, "consumer", root, args);
+                let pids = [app.daprd.as_ref().unwrap().0.id(), app.host.as_ref().unwrap().child.id()];
+                let before = pids.map(super::cpu_seconds);
+                let rate = drain_rate(MESSAGES, || delivered(&app.metrics()));
+                let after = pids.map(super::cpu_seconds);
+                app.terminate_together();
+                (rate, [after[0] - before[0], after[1] - before[1]])
+            };
+            let per = |seconds: f64| seconds * 1e6 / MESSAGES as f64;
+            println!(
+                "drain round {round}: {name:<26} {rate:>7.0} msg/s  CPU per message: daprd {:>4.0}us, app {:>4.0}us",
+                per(cpu[0]),
+                per(cpu[1])
+            );
+            best[v] = best[v].max(rate);
+        }
+    }
+    println!("drain behind daprd + RabbitMQ, {MESSAGES} prefilled 1 KiB orders, best of {ROUNDS} interleaved:");
+    for (v, (name, _)) in variants.iter().enumerate() {
+        println!("drain {name:<26} {:>7.0} msg/s  {:>3.0}% of the null app", best[v], 100.0 * best[v] / best[0]);
+    }
+}
+
+/// A sample order of about 1 KiB.
+fn order_for(id: &str, customer: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "customer": customer, "items": [{"sku": "SKU-0001-XYZ", "qty": 2, "price_cents": 1999}]})
+}
+
+/// Deliveries the host has finished, from its `/metrics`.
+fn delivered(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wasm_pc_delivery_seconds_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Messages per second from the first delivery seen to the `count`-th,
+/// polling `done()` every 10 ms (the first poll's deliveries do not count).
+fn drain_rate(count: usize, mut done: impl FnMut() -> usize) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (first, at_first) = loop {
+        let n = done();
+        if n > 0 {
+            break (Instant::now(), n);
+        }
+        assert!(Instant::now() < deadline, "no delivery arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    loop {
+        let n = done();
+        if n >= count {
+            return (n - at_first) as f64 / first.elapsed().as_secs_f64();
+        }
+        assert!(Instant::now() < deadline, "{n} of {count} delivered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Drains the queue into an app that answers every delivery 200 at once: on
+/// the host's own HTTP server, so only the work differs.
+/// Returns the rate and the CPU seconds daprd and the app (this process:
+/// the app's server and the polling) used meanwhile.
+fn drain_null_app(daprd: &Path, root: &Path, count: usize) -> (f64, [f64; 2]) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let app_port = {
+        let answered = Arc::clone(&answered);
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let handler = move |request: hyper::Request<hyper::body::Incoming>| {
+                let answered = Arc::clone(&answered);
+                async move {
+                    if request.method() == hyper::Method::POST {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                }
+            };
+            let serve = wasm_pc::http::serve(listener, handler, stopped, Duration::from_secs(1), Default::default());
+            tokio::spawn(serve);
+            port
+        })
+    };
+    let sidecar =
+        start_daprd(daprd, "consumer", app_port, free_port(), &root.join("consumer"), &root.join("daprd-null-app.log"));
+    let pids = [sidecar.0.id(), std::process::id()];
+    let before = pids.map(super::cpu_seconds);
+    let rate = drain_rate(count, || answered.load(Ordering::Relaxed));
+    let after = pids.map(super::cpu_seconds);
+    sidecar.signal("-TERM");
+    assert_eq!(sidecar.wait(Duration::from_secs(30)), Some(0), "daprd exits cleanly");
+    let _ = stop.send(true);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    (rate, [after[0] - before[0], after[1] - before[1]])
 }
