@@ -2,7 +2,10 @@
 //! the pooling allocator and `InstancePre`, the way every message is handled
 //! by default; then the same calls with instance reuse (`--instance-reuse`).
 //!
-//! `cargo bench -p wasm-pc --bench invoke`
+//! `cargo bench -p wasm-pc --bench invoke [-- CALLS [GUEST/REUSE]]`: CALLS
+//! timed calls per case (default 20,000); a filter such as `faulty.wasm/1`
+//! runs one case only (add the pool budget: `faulty.wasm/1/512`), which is how instruction counts per call are taken
+//! (`docs/BENCHMARKS.md`: two callgrind runs with different CALLS).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -12,24 +15,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasm_pc::runtime::outbound::{NoOutbound, Outbound};
-use wasm_pc::runtime::{Message, ModuleSpec, Runtime, RuntimeOptions};
+use wasm_pc::runtime::{Limits, Message, ModuleSpec, Runtime, RuntimeOptions};
 
 fn main() {
+    let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
+    let calls: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let only = args.next();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        for reuse in [1, 100] {
-            measure(NonZeroU32::new(reuse).unwrap()).await;
+        // The default pool budget, and one that gives every slot the 4 MiB
+        // it kept before the budget existed: the cost of the bound.
+        for budget_mib in [512, 4096] {
+            for reuse in [1, 100] {
+                measure(NonZeroU32::new(reuse).unwrap(), calls, budget_mib, only.as_deref()).await;
+            }
         }
     });
 }
 
-async fn measure(instance_reuse: NonZeroU32) {
-    let runtime = Runtime::new(RuntimeOptions { instance_reuse, ..RuntimeOptions::default() }).unwrap();
+async fn measure(instance_reuse: NonZeroU32, calls: usize, budget_mib: usize, only: Option<&str>) {
+    let limits = Limits { pool_resident_bytes: budget_mib << 20, ..Limits::default() };
+    let runtime = Runtime::new(RuntimeOptions { instance_reuse, limits, ..RuntimeOptions::default() }).unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
     for (file, body) in [
         ("faulty.wasm", &b"ok"[..]),
         ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..]),
     ] {
+        if only.is_some_and(|only| only != format!("{file}/{instance_reuse}/{budget_mib}")) {
+            continue;
+        }
         let module = runtime.load_consumer(ModuleSpec::new(file, common::module(file))).unwrap();
         let message = Message {
             id: "m".into(),
@@ -41,8 +55,8 @@ async fn measure(instance_reuse: NonZeroU32) {
         for _ in 0..2_000 {
             runtime.consume(&module, &message, out.clone()).await.unwrap().unwrap();
         }
-        let mut samples = Vec::with_capacity(20_000);
-        for _ in 0..20_000 {
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
             let started = Instant::now();
             runtime.consume(&module, &message, out.clone()).await.unwrap().unwrap();
             samples.push(started.elapsed());
@@ -50,7 +64,7 @@ async fn measure(instance_reuse: NonZeroU32) {
         let (p50, p99) = common::percentiles(&mut samples);
         let total: Duration = samples.iter().sum();
         println!(
-            "invoke {file:<14} reuse={instance_reuse:<3} n=20000 p50={:.1}us p99={:.1}us mean={:.1}us",
+            "invoke {file:<14} reuse={instance_reuse:<3} pool-resident={budget_mib}MiB n={calls} p50={:.1}us p99={:.1}us mean={:.1}us",
             p50.as_secs_f64() * 1e6,
             p99.as_secs_f64() * 1e6,
             total.as_secs_f64() * 1e6 / samples.len() as f64

@@ -225,6 +225,11 @@ impl Dispatcher {
         Dispatcher { runtime, outbound, consumer, producer, metrics }
     }
 
+    /// The instance pool's gauges (see [`Runtime::pool_gauges`]).
+    pub fn pool_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.runtime.pool_gauges()
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

@@ -235,7 +235,7 @@ impl Router {
                 return http::json(status, &body);
             }
             (&Method::GET, "/metrics") => {
-                let mut gauges = Vec::new();
+                let mut gauges = host.dispatcher.pool_gauges();
                 for source in &self.sources {
                     gauges.extend(Arc::clone(source).gauges().await);
                 }

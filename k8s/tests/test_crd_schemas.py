@@ -58,6 +58,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from rendering import render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -96,22 +97,6 @@ EXPECTED = [
 # --- rendering ---------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _render(overlay):
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl (with kustomize) is not installed here")
-    missing = [p for p in (K8S / "overlays").glob("*/modules") if not any(p.glob("*.wasm"))]
-    assert not missing, f"run `cargo xtask guests` first: no modules in {missing}"
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-def render(overlay):
-    """The overlay's objects (a fresh copy: callers may change them)."""
-    return copy.deepcopy(_render(overlay))
 
 
 def one(docs, kind, name):

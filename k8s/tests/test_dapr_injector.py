@@ -25,12 +25,12 @@ import copy
 import functools
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from rendering import rendered_text as rendered
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -59,19 +59,6 @@ def tool():
     return path
 
 
-@functools.cache
-def rendered(overlay):
-    if shutil.which("kubectl") is None:
-        pytest.fail("kubectl (with kustomize) is needed to render the overlays", pytrace=False)
-    missing = [p for p in (K8S / "overlays").glob("*/modules") if not any(p.glob("*.wasm"))]
-    missing += [K8S / "overlays" / o / "modules" for o in ("hot-swap", "rolling")
-                if not (K8S / "overlays" / o / "modules").is_dir()]
-    assert not missing, f"run `cargo xtask guests` first: no modules in {missing}"
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def inject(text):

@@ -18,6 +18,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from rendering import render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -26,16 +27,6 @@ K8S_VERSION = "1.32"
 CONFIGMAP_LIMIT = 1 << 20
 
 
-def render(overlay):
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl (with kustomize) is not installed here")
-    missing = [p for p in (K8S / "overlays").glob("*/modules") if not any(p.glob("*.wasm"))]
-    assert not missing, f"run `cargo xtask guests` first: no modules in {missing}"
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def by_kind(docs, kind, name=None):

@@ -20,12 +20,11 @@ cenkalti/backoff v4.3.0):
 """
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from rendering import render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -47,16 +46,6 @@ NOT_RETRIABLE = (401, 413)
 TIMER_SLACK_S = 0.25
 
 
-def render(overlay):
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl (with kustomize) is not installed here")
-    missing = [p for p in (K8S / "overlays").glob("*/modules") if not any(p.glob("*.wasm"))]
-    assert not missing, f"run `cargo xtask guests` first: no modules in {missing}"
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 @pytest.fixture(params=OVERLAYS, scope="module")

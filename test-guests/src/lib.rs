@@ -88,6 +88,9 @@ impl Guest for Misbehaving {
                     let n: u32 = n.parse().map_err(|_| ConsumeError::Reject(format!("bad count in {other:?}")))?;
                     return send_many(&message.id, binding, n);
                 }
+                if let Some(rest) = other.strip_prefix("touch:") {
+                    return touch(rest);
+                }
                 if let Some(ms) = other.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                     return Ok(());
@@ -112,6 +115,24 @@ fn send_many(id: &str, binding: &str, n: u32) -> Result<(), ConsumeError> {
         };
         outbound::send(binding, &out).map_err(|e| ConsumeError::Retry(format!("send {i} of {n}: {e:?}")))?;
     }
+    Ok(())
+}
+
+/// `touch:<KiB>[:<ms>]`: dirties KiB of heap, a page at a time, then
+/// sleeps ms with it held: a guest that uses its whole memory, as a Python
+/// or JS guest does, for the memory benchmark.
+fn touch(args: &str) -> Result<(), ConsumeError> {
+    let (kib, ms) = args.split_once(':').unwrap_or((args, "0"));
+    let (Ok(kib), Ok(ms)) = (kib.parse::<usize>(), ms.parse::<u64>()) else {
+        return Err(ConsumeError::Reject(format!("bad touch:{args}")));
+    };
+    let mut held = vec![0u8; kib << 10];
+    for page in held.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&held);
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    std::hint::black_box(&mut held);
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! from its seeds and the corpus earlier runs grew; an input a target fails
 //! on is copied to `fuzz/regressions/<target>/`, which the README's test
 //! command replays (`host/tests/all/fuzz_replay.rs`), so a crash becomes a
-//! regression test by committing that file with its fix.
+//! regression test by committing that file with its fix. `FUZZ_ONLY=amqp`
+//! runs only the targets whose names contain one of its comma-separated words.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,10 @@ pub(crate) fn run_all(root: &Path, seconds: u64) -> anyhow::Result<()> {
     run(cargo_fuzz(&fuzz).args(["build", "--release", "--debug-assertions"]))?;
     let mut rows = Vec::new();
     let mut crashed = Vec::new();
-    for target in targets(&fuzz)? {
+    // `FUZZ_ONLY=amqp,stored` runs the targets whose names hold one of those.
+    let only = std::env::var("FUZZ_ONLY").unwrap_or_default();
+    let wanted = |t: &str| only.is_empty() || only.split(',').any(|w| t.contains(w.trim()));
+    for target in targets(&fuzz)?.into_iter().filter(|t| wanted(t)) {
         let corpus = fuzz.join("corpus").join(&target);
         std::fs::create_dir_all(&corpus)?;
         let artifacts = fuzz.join("artifacts").join(&target);

@@ -239,21 +239,8 @@ fn e2e(root: &Path) -> anyhow::Result<(u64, u64)> {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command
         .current_dir(root)
-        .args([
-            "test",
-            "-p",
-            "wasm-pc",
-            "--test",
-            "all",
-            "e2e",
-            "--",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-            "--skip",
-            "throughput",
-        ])
+        .args(workspace_tests())
+        .args(["--test", "all", "e2e", "--", "--ignored", "--nocapture", "--test-threads", "1", "--skip", "throughput"])
         .env("WASM_PC_DAPRD", daprd_path());
     echo_and_count(&mut command, |line| match line.strip_prefix("test result: ") {
         Some(rest) => count_words(rest.split([';', '.'])),
@@ -264,10 +251,7 @@ fn e2e(root: &Path) -> anyhow::Result<(u64, u64)> {
 /// The Rust tests; returns (passed, failed) summed over every test binary.
 fn rust_tests(root: &Path) -> anyhow::Result<(u64, u64)> {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command.current_dir(root).args(["test", "--workspace"]);
-    for guest in GUESTS {
-        command.args(["--exclude", guest.0]);
-    }
+    command.current_dir(root).args(workspace_tests()).arg("--no-fail-fast");
     let counts = echo_and_count(&mut command, |line| match line.strip_prefix("test result: ") {
         Some(rest) => count_words(rest.split([';', '.'])),
         None => (0, 0),
@@ -298,6 +282,18 @@ fn manifest_tests(root: &Path, injectcheck: &Path) -> anyhow::Result<(u64, u64)>
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "k8s/tests"])
         .env("WASM_PC_INJECTCHECK", injectcheck);
     echo_and_count(&mut command, pytest_summary)
+}
+
+/// `cargo test` over the workspace but the guests (which build for wasm
+/// only). The end-to-end tests use the same selection as the rest: with
+/// `-p wasm-pc` alone, Cargo unifies features differently and rebuilds
+/// wasmtime.
+fn workspace_tests() -> Vec<&'static str> {
+    let mut args = vec!["test", "--workspace"];
+    for (krate, _) in GUESTS {
+        args.extend(["--exclude", krate]);
+    }
+    args
 }
 
 /// Sums "N passed" and "N failed"/"N error(s)" among `parts`.

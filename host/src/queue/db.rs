@@ -75,6 +75,10 @@ pub struct Database {
     options: StoreOptions,
 }
 
+/// Numbers tried one by one past a damaged page before salvage gives up
+/// on the rest: more rows than one page holds.
+const SALVAGE_PROBES: u32 = 100_000;
+
 impl Database {
     /// Opens or creates the database at `path`, in WAL mode.
     ///
@@ -200,29 +204,44 @@ impl Database {
         let shown = from.display().to_string();
         let source =
             Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| classify(&shown, e))?;
-        let last: i64 = source
-            .query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)", [], |r| {
-                r.get(0)
-            })
-            .or_else(|_| source.query_row("SELECT coalesce(max(seq), 0) FROM messages", [], |r| r.get(0)))
-            .map_err(|e| classify(&shown, e))?;
         if into.exists() {
             return Err(QueueError::Open { path: into.display().to_string(), detail: "already exists".into() });
         }
         let mut target = Database::open(into, StoreOptions::default())?;
         let (mut copied, mut unreadable) = (0, 0);
-        // Row by row: a damaged page costs the rows on it, not the rest.
         let mut read = source
             .prepare(&format!("SELECT queue, {COLUMNS} FROM messages WHERE seq = ?1"))
             .map_err(|e| classify(&shown, e))?;
+        let mut next = source
+            .prepare("SELECT seq FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 1")
+            .map_err(|e| classify(&shown, e))?;
         target.write(|ops| {
-            for seq in 1..=last {
-                let row = read.query_row([seq], |r| {
+            // From one row to the next by key, each step a fresh descent from
+            // the root: a damaged page costs the rows on it, not the rest.
+            // Where a step fails, the numbers after it are tried one by one
+            // (ours are dense) until the walk gets past the damage. Steps
+            // follow the rows there are, so a row numbered near i64::MAX
+            // costs one step, not 2^63.
+            let mut at = i64::MIN;
+            let mut probes = 0;
+            loop {
+                let seq = match next.query_row([at], |r| r.get::<_, i64>(0)) {
+                    Ok(seq) => {
+                        probes = 0;
+                        seq
+                    }
+                    Err(rusqlite::Error::QueryReturnedNoRows) => break,
+                    Err(_) if probes < SALVAGE_PROBES && at < i64::MAX => {
+                        probes += 1;
+                        at + 1
+                    }
+                    Err(_) => break,
+                };
+                match read.query_row([seq], |r| {
                     let queue: String = r.get(0)?;
                     let values: Vec<rusqlite::types::Value> = (1..=16).map(|i| r.get(i)).collect::<Result<_, _>>()?;
                     Ok((queue, values))
-                });
-                match row {
+                }) {
                     Ok((queue, values)) => {
                         ops.restore(&queue, &values)?;
                         copied += 1;
@@ -230,6 +249,10 @@ impl Database {
                     Err(rusqlite::Error::QueryReturnedNoRows) => {}
                     Err(_) => unreadable += 1,
                 }
+                if seq == i64::MAX {
+                    break;
+                }
+                at = seq;
             }
             ops.renumber()
         })?;

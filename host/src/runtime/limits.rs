@@ -28,6 +28,27 @@ pub struct Limits {
     pub max_stack_bytes: usize,
     /// Most invocations that may run at once on one runtime (pool slots).
     pub max_concurrent: u32,
+    /// Most linear memory the pool's idle slots may keep resident, all
+    /// together: each slot keeps up to this over `max_concurrent` (at most
+    /// 4 MiB, at least 64 KiB) so that a burst cannot leave more behind.
+    pub pool_resident_bytes: usize,
+}
+
+impl Limits {
+    /// What one idle pool slot keeps of a guest's memory: the budget shared
+    /// by all slots, in whole wasm pages, from 64 KiB to 4 MiB.
+    pub fn keep_resident_per_slot(&self) -> usize {
+        const PAGE: usize = 64 << 10;
+        let slots = usize::try_from(self.max_concurrent.max(1)).unwrap_or(usize::MAX);
+        (self.pool_resident_bytes / slots / PAGE * PAGE).clamp(PAGE, 4 << 20)
+    }
+
+    /// How many freed slots may wait for their memory past the window to
+    /// be returned together (one madvise pass for the batch): as many as
+    /// the budget covers at the largest memory, from 1 to 32.
+    pub fn decommit_batch(&self) -> usize {
+        (self.pool_resident_bytes / self.max_memory_bytes.max(1)).clamp(1, 32)
+    }
 }
 
 impl Default for Limits {
@@ -39,6 +60,7 @@ impl Default for Limits {
             max_instances: 20,
             max_stack_bytes: 512 << 10,
             max_concurrent: 1_000,
+            pool_resident_bytes: 512 << 20,
         }
     }
 }
@@ -118,5 +140,40 @@ impl ResourceLimiter for Limiter {
 
     fn tables(&self) -> usize {
         self.limits.max_instances * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resident_budget_is_shared_out_and_bounds_what_waits_for_decommit() {
+        let limits = |slots, budget_mib: usize, memory_mib: usize| Limits {
+            max_concurrent: slots,
+            pool_resident_bytes: budget_mib << 20,
+            max_memory_bytes: memory_mib << 20,
+            ..Limits::default()
+        };
+        // Defaults: 1,000 slots share 512 MiB.
+        assert_eq!(Limits::default().keep_resident_per_slot(), 512 << 10);
+        assert_eq!(Limits::default().decommit_batch(), 8);
+        // Few slots get the most a slot keeps; many, a page each.
+        assert_eq!(limits(16, 512, 64).keep_resident_per_slot(), 4 << 20);
+        assert_eq!(limits(100_000, 512, 64).keep_resident_per_slot(), 64 << 10);
+        // Whole pages only.
+        assert_eq!(limits(3, 1, 64).keep_resident_per_slot() % (64 << 10), 0);
+        // Large guests flush alone; small ones batch up to 32.
+        assert_eq!(limits(1000, 512, 4096).decommit_batch(), 1);
+        assert_eq!(limits(1000, 512, 1).decommit_batch(), 32);
+        // What idle slots keep plus what waits for decommit stays within
+        // twice the budget, whatever the guests do.
+        for (slots, budget, memory) in [(1000, 512, 64), (16, 512, 64), (1000, 64, 512), (8, 1024, 16)] {
+            let l = limits(slots, budget, memory);
+            let kept = usize::try_from(slots).unwrap() * l.keep_resident_per_slot();
+            let waiting = l.decommit_batch() * (memory << 20);
+            assert!(kept <= (budget << 20).max(usize::try_from(slots).unwrap() << 16), "{slots} {budget} {memory}");
+            assert!(waiting <= (budget << 20).max(memory << 20), "{slots} {budget} {memory}");
+        }
     }
 }

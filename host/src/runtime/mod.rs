@@ -144,15 +144,18 @@ impl Runtime {
             .max_memory_size(limits.max_memory_bytes)
             .table_elements(limits.max_table_elements)
             // Returning a slot's memory with madvise costs a TLB shootdown on
-            // every core; batching those calls amortises it.
-            .decommit_batch_size(32);
+            // every core; batching those calls amortises it, but a batch
+            // holds its slots' memory until it is flushed.
+            .decommit_batch_size(limits.decommit_batch());
         // Keeping memory resident between instances saves page faults and
         // madvise calls. With PAGEMAP_SCAN (Linux 6.7+) only the pages a guest
         // dirtied are reset, so a generous window is cheap; without it the
-        // whole window is memset, so keep it small.
+        // whole window is memset, so keep it small. Idle slots keep what
+        // they hold until reused, so the window is the pool's resident
+        // budget shared out over its slots.
         if PoolingAllocationConfig::is_pagemap_scan_available() {
             pool.pagemap_scan(wasmtime::Enabled::Yes)
-                .linear_memory_keep_resident(4 << 20)
+                .linear_memory_keep_resident(limits.keep_resident_per_slot())
                 .table_keep_resident(256 << 10);
         } else {
             pool.linear_memory_keep_resident(64 << 10).table_keep_resident(64 << 10);
@@ -196,6 +199,27 @@ impl Runtime {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The pooling allocator's slots, for `/metrics`: what idle slots keep
+    /// resident is the memory a burst leaves behind (`docs/BENCHMARKS.md`,
+    /// "Memory").
+    pub fn pool_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let Some(pool) = self.engine.pooling_allocator_metrics() else { return Vec::new() };
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        vec![
+            ("pool_memories", "Linear memories in use in the instance pool.", n(pool.memories())),
+            (
+                "pool_unused_warm_memories",
+                "Idle instance pool slots that were used before.",
+                u64::from(pool.unused_warm_memories()),
+            ),
+            (
+                "pool_unused_memory_bytes_resident",
+                "Bytes of linear memory idle pool slots keep resident.",
+                n(pool.unused_memory_bytes_resident()),
+            ),
+        ]
     }
 
     pub fn limits(&self) -> Limits {

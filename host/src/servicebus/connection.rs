@@ -169,6 +169,25 @@ struct Session {
     blocked: std::collections::VecDeque<Vec<u8>>,
 }
 
+impl Session {
+    /// A flow with this session's windows and nothing of any link.
+    fn flow(&self) -> Flow {
+        Flow {
+            next_incoming_id: Some(self.next_incoming_id),
+            incoming_window: self.incoming_window,
+            next_outgoing_id: self.next_outgoing_id,
+            outgoing_window: u32::MAX,
+            handle: None,
+            delivery_count: None,
+            link_credit: None,
+            available: None,
+            drain: false,
+            echo: false,
+            properties: None,
+        }
+    }
+}
+
 struct Unsettled {
     link: u64,
     lock: Lock,
@@ -580,17 +599,10 @@ impl Connection {
     fn grant(&mut self, channel: u16, handle: u32, delivery_count: u32, credit: u32) {
         let Some(session) = self.sessions.get(&channel) else { return };
         let flow = Flow {
-            next_incoming_id: Some(session.next_incoming_id),
-            incoming_window: session.incoming_window,
-            next_outgoing_id: session.next_outgoing_id,
-            outgoing_window: u32::MAX,
             handle: Some(Handle(handle)),
             delivery_count: Some(delivery_count),
             link_credit: Some(credit),
-            available: None,
-            drain: false,
-            echo: false,
-            properties: None,
+            ..session.flow()
         };
         self.send(channel, Performative::Flow(flow));
     }
@@ -632,19 +644,7 @@ impl Connection {
 
     fn session_flow(&mut self, channel: u16) {
         let Some(session) = self.sessions.get(&channel) else { return };
-        let flow = Flow {
-            next_incoming_id: Some(session.next_incoming_id),
-            incoming_window: session.incoming_window,
-            next_outgoing_id: session.next_outgoing_id,
-            outgoing_window: u32::MAX,
-            handle: None,
-            delivery_count: None,
-            link_credit: None,
-            available: None,
-            drain: false,
-            echo: false,
-            properties: None,
-        };
+        let flow = session.flow();
         self.send(channel, Performative::Flow(flow));
     }
 
@@ -660,17 +660,12 @@ impl Connection {
             }
         };
         let flow = Flow {
-            next_incoming_id: Some(session.next_incoming_id),
-            incoming_window: session.incoming_window,
-            next_outgoing_id: session.next_outgoing_id,
-            outgoing_window: u32::MAX,
             handle: Some(Handle(handle)),
             delivery_count: Some(delivery_count),
             link_credit: Some(credit),
             available: Some(0),
             drain,
-            echo: false,
-            properties: None,
+            ..session.flow()
         };
         self.send(channel, Performative::Flow(flow));
     }

@@ -133,6 +133,8 @@ fn symbol_keys(value: Value) -> Value {
 }
 
 fn sasl(bytes: &[u8]) -> Result<SaslFrame, FrameError> {
+    let length = wire::first_value_len(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
+    let bytes = &bytes[..length];
     let described: Described<Value> = serde_amqp::from_slice(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
     match wire::descriptor_code(&described) {
         Some(0x41) => serde_amqp::from_slice(bytes).map(SaslFrame::Init).map_err(|e| FrameError::Decode(e.to_string())),

@@ -140,8 +140,11 @@ pub fn outgoing(message: &StoredMessage, lock: Option<Locked>) -> Vec<u8> {
     let mut out = Vec::new();
 
     // Header: `delivery-count` is the deliveries before this one, written even when 0.
-    let ttl =
-        message.expires_at_ms.map(|at| Amqp::Uint(u32::try_from(at - message.enqueued_at_ms).unwrap_or(u32::MAX)));
+    // Saturating: the times come from the database, which a crash, an older
+    // host or a hand edit may have left with any value.
+    let ttl = message
+        .expires_at_ms
+        .map(|at| Amqp::Uint(u32::try_from(at.saturating_sub(message.enqueued_at_ms).max(0)).unwrap_or(u32::MAX)));
     Amqp::described(
         HEADER,
         Amqp::List(vec![

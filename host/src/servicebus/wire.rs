@@ -194,12 +194,138 @@ pub fn decode(bytes: &[u8]) -> Result<Value, serde_amqp::Error> {
     serde_amqp::from_slice(bytes)
 }
 
-/// The length of the first complete encoded value in `bytes`.
-pub fn first_value_len(bytes: &[u8]) -> Result<usize, serde_amqp::Error> {
-    use serde_amqp::read::Read;
-    let mut reader = serde_amqp::read::SliceReader::new(bytes);
-    serde_amqp::lazy::LazyValue::from_reader(&mut reader)?;
-    Ok(reader.bytes_consumed())
+/// Why bytes do not begin with one well-formed AMQP value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodingError {
+    #[error("an AMQP value is cut short")]
+    Truncated,
+    #[error("{0:#04x} is not an AMQP type constructor")]
+    BadConstructor(u8),
+    #[error("AMQP values nest deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("a compound AMQP value does not fill its declared size")]
+    SizeMismatch,
+    #[error("an AMQP map with an odd number of keys and values")]
+    OddMapCount,
+}
+
+/// Deeper than any message or performative the SDKs send.
+const MAX_DEPTH: usize = 32;
+
+/// The length of the first complete encoded value in `bytes`, every size
+/// and count inside it checked against the bytes actually there.
+///
+/// Peers' bytes are measured here, without allocating, before `serde_amqp`
+/// decodes them: its reader allocates whatever length a value declares
+/// before looking for the bytes, so four bytes claiming a 2 GiB binary
+/// made it ask for 2 GiB (found by `cargo xtask fuzz`).
+pub fn first_value_len(bytes: &[u8]) -> Result<usize, EncodingError> {
+    value_len(bytes, 0)
+}
+
+fn value_len(bytes: &[u8], depth: usize) -> Result<usize, EncodingError> {
+    let (head, code) = constructor(bytes, depth)?;
+    Ok(head + body_len(code, bytes.get(head..).ok_or(EncodingError::Truncated)?, depth)?)
+}
+
+/// A constructor's length and its primitive type code; a described one
+/// carries its descriptor, a value of its own.
+fn constructor(bytes: &[u8], depth: usize) -> Result<(usize, u8), EncodingError> {
+    if depth > MAX_DEPTH {
+        return Err(EncodingError::TooDeep);
+    }
+    match bytes.first() {
+        None => Err(EncodingError::Truncated),
+        Some(0x00) => {
+            let descriptor = 1 + value_len(&bytes[1..], depth + 1)?;
+            let (inner, code) = constructor(bytes.get(descriptor..).ok_or(EncodingError::Truncated)?, depth + 1)?;
+            Ok((descriptor + inner, code))
+        }
+        Some(code) => Ok((1, *code)),
+    }
+}
+
+/// The length of a value's data after a constructor with `code`.
+fn body_len(code: u8, bytes: &[u8], depth: usize) -> Result<usize, EncodingError> {
+    let len = match code >> 4 {
+        0x4 => 0,
+        0x5 => 1,
+        0x6 => 2,
+        0x7 => 4,
+        0x8 => 8,
+        0x9 => 16,
+        0xa => 1 + size(bytes, 1)?,
+        0xb => 4 + size(bytes, 4)?,
+        0xc => compound_len(code, bytes, 1, depth)?,
+        0xd => compound_len(code, bytes, 4, depth)?,
+        0xe => array_len(bytes, 1, depth)?,
+        0xf => array_len(bytes, 4, depth)?,
+        _ => return Err(EncodingError::BadConstructor(code)),
+    };
+    if len > bytes.len() {
+        return Err(EncodingError::Truncated);
+    }
+    Ok(len)
+}
+
+/// A size or count of `width` bytes at the start of `bytes`.
+fn size(bytes: &[u8], width: usize) -> Result<usize, EncodingError> {
+    let field = bytes.get(..width).ok_or(EncodingError::Truncated)?;
+    Ok(field.iter().fold(0usize, |n, b| (n << 8) | usize::from(*b)))
+}
+
+/// The size and count fields, and the elements they frame.
+fn framed(bytes: &[u8], width: usize) -> Result<(usize, usize, &[u8]), EncodingError> {
+    let size = size(bytes, width)?;
+    let inner = bytes.get(width..width + size).ok_or(EncodingError::Truncated)?;
+    let count = self::size(inner, width).map_err(|_| EncodingError::SizeMismatch)?;
+    Ok((width + size, count, &inner[width..]))
+}
+
+/// A list or map: `count` values, each with its own constructor.
+fn compound_len(code: u8, bytes: &[u8], width: usize, depth: usize) -> Result<usize, EncodingError> {
+    let (len, count, elements) = framed(bytes, width)?;
+    // A map counts keys and values; `serde_amqp` takes two at a time and
+    // underflows on an odd count.
+    if matches!(code, 0xc1 | 0xd1) && count % 2 == 1 {
+        return Err(EncodingError::OddMapCount);
+    }
+    // Every element takes at least its constructor byte.
+    if count > elements.len() {
+        return Err(EncodingError::SizeMismatch);
+    }
+    let mut at = 0;
+    for _ in 0..count {
+        at += value_len(&elements[at..], depth + 1)?;
+    }
+    if at != elements.len() {
+        return Err(EncodingError::SizeMismatch);
+    }
+    Ok(len)
+}
+
+/// An array: one constructor, then `count` values without one.
+fn array_len(bytes: &[u8], width: usize, depth: usize) -> Result<usize, EncodingError> {
+    let (len, count, rest) = framed(bytes, width)?;
+    // Some encoders leave the element constructor out of an empty array.
+    if count == 0 && rest.is_empty() {
+        return Ok(len);
+    }
+    let (head, code) = constructor(rest, depth + 1)?;
+    let elements = rest.get(head..).ok_or(EncodingError::Truncated)?;
+    // Elements of a zero-width type (null, true, ...) take no bytes, so
+    // their count is capped by the array's size instead.
+    if count > elements.len().max(len) {
+        return Err(EncodingError::SizeMismatch);
+    }
+    let mut at = 0;
+    for _ in 0..count {
+        at += body_len(code, &elements[at..], depth + 1)?;
+    }
+    if at != elements.len() {
+        return Err(EncodingError::SizeMismatch);
+    }
+    Ok(len)
 }
 
 /// The numeric descriptor of a described value, names mapped to codes.
@@ -325,6 +451,61 @@ pub fn display(value: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_we_encode_is_measured_to_the_byte() {
+        let values = [
+            Amqp::Null,
+            Amqp::Uuid([1; 16]),
+            Amqp::String("x".repeat(300)),
+            Amqp::Binary(vec![9; 5]),
+            Amqp::List(vec![]),
+            Amqp::Map(vec![(Amqp::symbol("k"), Amqp::List(vec![Amqp::Uint(7), Amqp::Null]))]),
+            Amqp::Array(ArrayOf::Timestamp, vec![]),
+            Amqp::Array(ArrayOf::Timestamp, vec![Amqp::Timestamp(1), Amqp::Timestamp(2)]),
+            Amqp::described(0x70, Amqp::List(vec![Amqp::Bool(true), Amqp::Ubyte(4)])),
+        ];
+        for value in values {
+            let mut bytes = value.to_bytes();
+            let len = bytes.len();
+            bytes.extend([0x40, 0x41]);
+            assert_eq!(first_value_len(&bytes), Ok(len), "{value:?}");
+            assert!(decode(&bytes[..len]).is_ok(), "{value:?}");
+        }
+    }
+
+    /// Each of these made `serde_amqp` allocate what the value claims
+    /// before it looked for the bytes (2 to 4 GiB; fuzz/regressions/amqp_*).
+    #[test]
+    fn sizes_and_counts_that_lie_are_refused_before_anything_is_allocated() {
+        let binary_of_2_gib = [0xb0, 0x80, 0, 0, 0x15, 1, 2, 3];
+        assert_eq!(first_value_len(&binary_of_2_gib), Err(EncodingError::Truncated));
+        let list_of_4g_in_12_bytes =
+            [0xd0, 0, 0, 0, 12, 0xff, 0xff, 0xff, 0xff, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40];
+        assert_eq!(first_value_len(&list_of_4g_in_12_bytes), Err(EncodingError::SizeMismatch));
+        let header_sized_past_the_end = [0x00, 0x53, 0x70, 0xd0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(first_value_len(&header_sized_past_the_end), Err(EncodingError::Truncated));
+        let array_of_4g_nulls = [0xf0, 0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0x40];
+        assert_eq!(first_value_len(&array_of_4g_nulls), Err(EncodingError::SizeMismatch));
+        let element_past_its_list = [0xc0, 3, 1, 0xa1, 9, b'a'];
+        assert_eq!(first_value_len(&element_past_its_list), Err(EncodingError::Truncated));
+        assert_eq!(first_value_len(&[0x21]), Err(EncodingError::BadConstructor(0x21)));
+        let map_of_one_key = [0xc1, 3, 1, 0xa1, 0];
+        assert_eq!(first_value_len(&map_of_one_key), Err(EncodingError::OddMapCount));
+        assert_eq!(first_value_len(&[]), Err(EncodingError::Truncated));
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let mut deep = Amqp::Null;
+        for _ in 0..100 {
+            deep = Amqp::List(vec![deep]);
+        }
+        assert_eq!(first_value_len(&deep.to_bytes()), Err(EncodingError::TooDeep));
+        let mut descriptors = vec![0x00; 100];
+        descriptors.push(0x40);
+        assert_eq!(first_value_len(&descriptors), Err(EncodingError::TooDeep));
+    }
 
     #[test]
     fn what_we_encode_decodes_to_the_same_values() -> Result<(), serde_amqp::Error> {

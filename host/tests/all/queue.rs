@@ -515,6 +515,28 @@ fn a_message_purged_mid_delivery_is_reported_gone() {
 
 /// Damaged pages are found at open, with the way out in the error; salvage
 /// copies what can still be read into a new database.
+/// Found by `cargo xtask fuzz` (fuzz/regressions/stored_row): salvage
+/// counted from 1 to the highest sequence number, so one row numbered near
+/// i64::MAX kept it busy for ever.
+#[test]
+fn salvage_walks_the_rows_there_are_whatever_they_are_numbered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let mut db = open(&dir, options(60_000, 10));
+        db.send("a", vec![msg("first"), msg("second")]).unwrap();
+    }
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute("UPDATE messages SET seq = ?1 WHERE id = 'second'", [i64::MAX]).unwrap();
+    raw.execute("UPDATE messages SET seq = ?1 WHERE id = 'first'", [-5]).unwrap();
+    drop(raw);
+    let salvaged = dir.path().join("salvaged.db");
+    assert_eq!(Database::salvage(&path, &salvaged).unwrap(), (2, 0));
+    let mut db = Database::open(&salvaged, StoreOptions::default()).unwrap();
+    let ids: Vec<String> = db.receive("a", 10).unwrap().into_iter().map(|m| m.message.id).collect();
+    assert_eq!(ids, ["first", "second"]);
+}
+
 #[test]
 fn a_damaged_database_is_refused_at_open_and_salvaged() {
     let dir = tempfile::tempdir().unwrap();

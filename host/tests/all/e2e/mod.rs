@@ -164,6 +164,30 @@ pub fn order(id: &str, sku: &str, price: u64) -> serde_json::Value {
     serde_json::json!({"id": id, "customer": "acme <&> co", "items": [{"sku": sku, "qty": 2, "price_cents": price}]})
 }
 
+/// Posts the scenario both brokers run: 200 orders in 10 requests of 20,
+/// `o-0-0` with the SKU that fails twice, `o-0-1` over the credit limit;
+/// returns every order by id.
+pub fn post_sample_orders(producer: &App) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut expected = std::collections::BTreeMap::new();
+    for batch in 0..10 {
+        let orders: Vec<_> = (0..20)
+            .map(|i| {
+                let id = format!("o-{batch}-{i}");
+                let (sku, price) = match (batch, i) {
+                    (0, 0) => ("FLAKY", 350),
+                    (0, 1) => ("YACHT", 9_000_000),
+                    _ => ("A", 350 + i as u64),
+                };
+                expected.insert(id.clone(), order(&id, sku, price));
+                order(&id, sku, price)
+            })
+            .collect();
+        let (status, body) = post(producer, "application/json", &serde_json::to_vec(&orders).unwrap());
+        assert_eq!(status, 202, "{body}");
+    }
+    expected
+}
+
 pub fn post(app: &App, content_type: &str, body: &[u8]) -> (u16, String) {
     let (status, body) = http(([127, 0, 0, 1], app.app_port).into(), "POST", "/produce", content_type, body).unwrap();
     (status, String::from_utf8_lossy(&body).into_owned())

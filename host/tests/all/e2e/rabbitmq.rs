@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use super::{API_TOKEN, APP_TOKEN, App, Proc, free_port, order, post, start_daprd, wait_for_port};
+use super::{API_TOKEN, APP_TOKEN, App, Proc, free_port, order, post, post_sample_orders, start_daprd, wait_for_port};
 use crate::process::{command, http};
 
 /// RabbitMQ on loopback ports, with the management API for inspection.
@@ -196,23 +196,7 @@ fn real_daprd_and_rabbitmq_end_to_end() {
 
     // 1. JSON orders, one flaky (retried, then fine) and one poison.
     let started = Instant::now();
-    let mut expected = BTreeMap::new();
-    for batch in 0..10 {
-        let orders: Vec<_> = (0..20)
-            .map(|i| {
-                let id = format!("o-{batch}-{i}");
-                let (sku, price) = match (batch, i) {
-                    (0, 0) => ("FLAKY", 350),
-                    (0, 1) => ("YACHT", 9_000_000),
-                    _ => ("A", 350 + i as u64),
-                };
-                expected.insert(id.clone(), order(&id, sku, price));
-                order(&id, sku, price)
-            })
-            .collect();
-        let (status, body) = post(&producer, "application/json", &serde_json::to_vec(&orders).unwrap());
-        assert_eq!(status, 202, "{body}");
-    }
+    let expected = post_sample_orders(&producer);
     let done = collect(&rabbit, "done", 199, Duration::from_secs(60), order_of);
     let elapsed = started.elapsed();
     for (id, copies) in &done {

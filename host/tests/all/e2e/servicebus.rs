@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use wasm_pc::queue::{Database, NewMessage, StoreOptions, StoredMessage, SubQueue};
 
-use super::{App, Proc, free_port, order, post, wait_for_port};
+use super::{App, Proc, free_port, order, post, post_sample_orders, wait_for_port};
 
 /// The app ids the Components are scoped to.
 const CONSUMER: &str = "wasm-pc-consumer";
@@ -182,23 +182,7 @@ fn real_daprd_on_the_local_service_bus_end_to_end() {
     // 1. JSON orders, one flaky (retried, then fine) and one poison, to the
     // dead-letter binding with its reason.
     let started = Instant::now();
-    let mut expected = BTreeMap::new();
-    for batch in 0..10 {
-        let orders: Vec<_> = (0..20)
-            .map(|i| {
-                let id = format!("o-{batch}-{i}");
-                let (sku, price) = match (batch, i) {
-                    (0, 0) => ("FLAKY", 350),
-                    (0, 1) => ("YACHT", 9_000_000),
-                    _ => ("A", 350 + i as u64),
-                };
-                expected.insert(id.clone(), order(&id, sku, price));
-                order(&id, sku, price)
-            })
-            .collect();
-        let (status, body) = post(&producer, "application/json", &serde_json::to_vec(&orders).unwrap());
-        assert_eq!(status, 202, "{body}");
-    }
+    let expected = post_sample_orders(&producer);
     let done = endpoint.collect("done", SubQueue::Active, 199, Duration::from_secs(60), order_of);
     let elapsed = started.elapsed();
     for (id, copies) in &done {
