@@ -385,13 +385,18 @@ impl Ops<'_> {
     /// transaction by itself; then nothing before this step stands either,
     /// and [`Ops::aborted`] says so.
     pub fn step<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R, QueueError>) -> Result<R, QueueError> {
-        self.tx.execute_batch("SAVEPOINT step").map_err(self.err())?;
+        // Cached statements: a step wraps every command of a group (each
+        // settle, each send), and parsing these anew each time showed.
+        let run = |tx: &Transaction<'_>, sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
+        run(&self.tx, "SAVEPOINT step").map_err(self.err())?;
         let result = f(self);
         if self.aborted() {
             return result;
         }
-        let end = if result.is_ok() { "RELEASE step" } else { "ROLLBACK TO step; RELEASE step" };
-        self.tx.execute_batch(end).map_err(self.err())?;
+        if result.is_err() {
+            run(&self.tx, "ROLLBACK TO step").map_err(self.err())?;
+        }
+        run(&self.tx, "RELEASE step").map_err(self.err())?;
         result
     }
 
