@@ -157,7 +157,17 @@ async fn json_and_binary_bodies_round_trip_through_the_contract() {
             .await;
     assert_eq!(status, 202);
 
-    eventually(Duration::from_secs(30), "4 forwarded", || broker.messages("done").len() == 4).await;
+    // A forward is sent before its delivery is answered: wait for both.
+    let answered = |id: &str| {
+        consumer_sidecar
+            .events()
+            .iter()
+            .any(|e| matches!(e, Event::Delivery { id: got, status: Some(200), .. } if got == id))
+    };
+    eventually(Duration::from_secs(30), "4 forwarded and answered", || {
+        broker.messages("done").len() == 4 && ["o-1", "o-2", "o-3"].iter().all(|id| answered(id))
+    })
+    .await;
     // What the consumer host was given is what the producer guest sent, as JSON values.
     let delivered: BTreeMap<String, Vec<u8>> =
         consumer_sidecar
@@ -221,7 +231,12 @@ async fn poison_goes_to_the_dead_letter_binding_when_there_is_one() {
     let mut bad = SbMessage::new("bad-1", b"{not an order");
     bad.properties.insert("tenant id".into(), "a/b".into());
     broker.push("orders", bad);
-    eventually(Duration::from_secs(30), "dead-lettered", || broker.messages("poison").len() == 1).await;
+    // The dead letter is sent before the delivery is answered, so the
+    // answer may not be recorded yet when the dead letter shows.
+    eventually(Duration::from_secs(30), "dead-lettered and answered", || {
+        broker.messages("poison").len() == 1 && !sidecar.deliveries().is_empty()
+    })
+    .await;
     assert_eq!(
         sidecar.deliveries(),
         vec![("bad-1".to_string(), 1, Some(200))],
