@@ -166,8 +166,8 @@ mod tests {
         // Large guests flush alone; small ones batch up to 32.
         assert_eq!(limits(1000, 512, 4096).decommit_batch(), 1);
         assert_eq!(limits(1000, 512, 1).decommit_batch(), 32);
-        // What idle slots keep plus what waits for decommit stays within
-        // twice the budget, whatever the guests do.
+        // Linear memory that idle slots keep plus what waits for decommit
+        // stays within twice the budget, whatever the guests do.
         for (slots, budget, memory) in [(1000, 512, 64), (16, 512, 64), (1000, 64, 512), (8, 1024, 16)] {
             let l = limits(slots, budget, memory);
             let kept = usize::try_from(slots).unwrap() * l.keep_resident_per_slot();
