@@ -4,11 +4,14 @@
 //! 1 KiB JSON orders, loopback, keep-alive, 32 connections, each sending its
 //! share one after another (as daprd does per handler slot). The host runs
 //! twice: with a fresh instance per message (the default) and with instance
-//! reuse (`--instance-reuse`). Then each answers one delivery at a time on
+//! reuse (`--instance-reuse`), and once more fresh with nothing done ahead
+//! (`--prepared-instances 0`: instantiation and the slot reset on the
+//! delivery path). Then each answers one delivery at a time on
 //! one connection (as a sequential input binding drives it), for the latency
 //! the host adds over native.
 //!
-//! `cargo bench -p wasm-pc --bench dapr_input [-- REQUESTS [REUSE]]`
+//! `cargo bench -p wasm-pc --bench dapr_input [-- REQUESTS [REUSE] [sequential]]`:
+//! `sequential` runs only the concurrency-1 phase, for profiling it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -35,61 +38,72 @@ fn main() {
     let mut numbers = std::env::args().skip(1).filter_map(|a| a.parse::<usize>().ok());
     let requests = numbers.next().unwrap_or(40_000);
     let reuse = NonZeroU32::new(numbers.next().unwrap_or(100) as u32).unwrap();
+    let only_sequential = std::env::args().any(|a| a == "sequential");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let body = Bytes::from(order_of_about_1k());
         let servers = [
             ("native hyper handler".to_string(), start_native().await),
-            ("wasm-pc, fresh instances".to_string(), start_wasm_host(NonZeroU32::MIN).await),
-            (format!("wasm-pc, reuse {reuse}"), start_wasm_host(reuse).await),
+            ("wasm-pc, fresh, none ahead".to_string(), start_wasm_host(NonZeroU32::MIN, 0).await),
+            ("wasm-pc, fresh instances".to_string(), start_wasm_host(NonZeroU32::MIN, 2).await),
+            (format!("wasm-pc, reuse {reuse}"), start_wasm_host(reuse, 2).await),
         ];
-        // Warm all, then measure each twice, interleaved, and keep the better run.
         for (_, port) in &servers {
             load(*port, &body, 4_000, CONNECTIONS).await;
         }
-        let mut best: Vec<Option<Run>> = servers.iter().map(|_| None).collect();
-        for _ in 0..2 {
-            for (i, (_, port)) in servers.iter().enumerate() {
-                let r = load(*port, &body, requests, CONNECTIONS).await;
-                if best[i].as_ref().is_none_or(|b| r.rps > b.rps) {
-                    best[i] = Some(r);
-                }
-            }
+        if !only_sequential {
+            throughput(&servers, &body, requests).await;
         }
-        let runs: Vec<Run> = best.into_iter().map(Option::unwrap).collect();
-        println!("body {} bytes, {requests} requests, {CONNECTIONS} connections", body.len());
-        for ((name, _), r) in servers.iter().zip(&runs) {
-            println!(
-                "{name:<26} {:>8.0} req/s  p50 {:>6.0}us  p99 {:>6.0}us  {:>3.0}% of native",
-                r.rps,
-                r.p50.as_secs_f64() * 1e6,
-                r.p99.as_secs_f64() * 1e6,
-                100.0 * r.rps / runs[0].rps
-            );
-        }
-
-        // One at a time: the better of two interleaved runs each, by p50.
-        let sequential = (requests / 8).max(1_000);
-        let mut best: Vec<Option<Run>> = servers.iter().map(|_| None).collect();
-        for _ in 0..2 {
-            for (i, (_, port)) in servers.iter().enumerate() {
-                let r = load(*port, &body, sequential, 1).await;
-                if best[i].as_ref().is_none_or(|b| r.p50 < b.p50) {
-                    best[i] = Some(r);
-                }
-            }
-        }
-        let runs: Vec<Run> = best.into_iter().map(Option::unwrap).collect();
-        println!("concurrency 1, {sequential} requests");
-        for ((name, _), r) in servers.iter().zip(&runs) {
-            println!(
-                "{name:<26} p50 {:>6.1}us  p99 {:>6.1}us  p50 +{:>5.1}us over native",
-                r.p50.as_secs_f64() * 1e6,
-                r.p99.as_secs_f64() * 1e6,
-                (r.p50.as_secs_f64() - runs[0].p50.as_secs_f64()) * 1e6
-            );
-        }
+        sequential(&servers, &body, (requests / 8).max(1_000)).await;
     });
+}
+
+/// Many connections at once: the better of two interleaved runs each, by req/s.
+async fn throughput(servers: &[(String, u16)], body: &Bytes, requests: usize) {
+    let mut best: Vec<Option<Run>> = servers.iter().map(|_| None).collect();
+    for _ in 0..2 {
+        for (i, (_, port)) in servers.iter().enumerate() {
+            let r = load(*port, body, requests, CONNECTIONS).await;
+            if best[i].as_ref().is_none_or(|b| r.rps > b.rps) {
+                best[i] = Some(r);
+            }
+        }
+    }
+    let runs: Vec<Run> = best.into_iter().map(Option::unwrap).collect();
+    println!("body {} bytes, {requests} requests, {CONNECTIONS} connections", body.len());
+    for ((name, _), r) in servers.iter().zip(&runs) {
+        println!(
+            "{name:<26} {:>8.0} req/s  p50 {:>6.0}us  p99 {:>6.0}us  {:>3.0}% of native",
+            r.rps,
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            100.0 * r.rps / runs[0].rps
+        );
+    }
+}
+
+/// One at a time, as a sequential binding drives the route: the better of
+/// two interleaved runs each, by p50.
+async fn sequential(servers: &[(String, u16)], body: &Bytes, requests: usize) {
+    let mut best: Vec<Option<Run>> = servers.iter().map(|_| None).collect();
+    for _ in 0..2 {
+        for (i, (_, port)) in servers.iter().enumerate() {
+            let r = load(*port, body, requests, 1).await;
+            if best[i].as_ref().is_none_or(|b| r.p50 < b.p50) {
+                best[i] = Some(r);
+            }
+        }
+    }
+    let runs: Vec<Run> = best.into_iter().map(Option::unwrap).collect();
+    println!("concurrency 1, {requests} requests");
+    for ((name, _), r) in servers.iter().zip(&runs) {
+        println!(
+            "{name:<26} p50 {:>6.1}us  p99 {:>6.1}us  p50 +{:>5.1}us over native",
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            (r.p50.as_secs_f64() - runs[0].p50.as_secs_f64()) * 1e6
+        );
+    }
 }
 
 fn order_of_about_1k() -> Vec<u8> {
@@ -102,8 +116,13 @@ fn order_of_about_1k() -> Vec<u8> {
     serde_json::to_vec(&order).unwrap()
 }
 
-async fn start_wasm_host(instance_reuse: NonZeroU32) -> u16 {
-    let runtime = Arc::new(Runtime::new(RuntimeOptions { instance_reuse, ..RuntimeOptions::default() }).unwrap());
+async fn start_wasm_host(instance_reuse: NonZeroU32, prepared_instances: usize) -> u16 {
+    // `BENCH_NO_PAGEMAP=1`: reset slots as a kernel without PAGEMAP_SCAN must.
+    let pagemap_scan = std::env::var_os("BENCH_NO_PAGEMAP").is_none();
+    let runtime = Arc::new(
+        Runtime::new(RuntimeOptions { instance_reuse, prepared_instances, pagemap_scan, ..RuntimeOptions::default() })
+            .unwrap(),
+    );
     let consumer = runtime.load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm"))).unwrap();
     let metrics = Arc::new(Metrics::default());
     let outbound = Arc::new(DaprOutbound::new(DaprClient::new(1, None, RetryPolicy::default()), metrics.clone()));

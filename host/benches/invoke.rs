@@ -38,7 +38,13 @@ async fn measure(instance_reuse: NonZeroU32, calls: usize, budget_mib: usize, on
     // address space of 1,000 slots.
     let slots = std::env::var("INVOKE_MAX_INSTANCES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
     let limits = Limits { pool_resident_bytes: budget_mib << 20, max_concurrent: slots, ..Limits::default() };
-    let runtime = Runtime::new(RuntimeOptions { instance_reuse, limits, ..RuntimeOptions::default() }).unwrap();
+    // Nothing prepared ahead: this is the cost of instantiate + call, all
+    // of it on the caller's path (`dapr_input` shows what work ahead hides).
+    // `BENCH_NO_PAGEMAP=1`: reset slots as a kernel without PAGEMAP_SCAN must.
+    let pagemap_scan = std::env::var_os("BENCH_NO_PAGEMAP").is_none();
+    let options =
+        RuntimeOptions { instance_reuse, limits, prepared_instances: 0, pagemap_scan, ..RuntimeOptions::default() };
+    let runtime = Runtime::new(options).unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
     for (file, body) in [
         ("faulty.wasm", &b"ok"[..]),

@@ -115,6 +115,12 @@ struct RuntimeArgs {
     /// always dropped).
     #[arg(long, env = "WASM_PC_INSTANCE_REUSE", default_value = "1")]
     instance_reuse: NonZeroU32,
+    /// Instances of each module made ahead of the messages that take them
+    /// (never used before: isolation is unchanged), with spent ones dropped
+    /// after the answer, so a delivery waits for neither. 0 does both while
+    /// the delivery waits.
+    #[arg(long, env = "WASM_PC_PREPARED_INSTANCES", default_value_t = 2)]
+    prepared_instances: usize,
 }
 
 impl RuntimeArgs {
@@ -129,6 +135,7 @@ impl RuntimeArgs {
             },
             cache_dir: self.cache_dir.clone(),
             instance_reuse: self.instance_reuse,
+            prepared_instances: self.prepared_instances,
             ..RuntimeOptions::default()
         }
     }

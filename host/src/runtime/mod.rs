@@ -3,13 +3,15 @@
 //!
 //! Every invocation gets a fresh `Store` and instance from a pre-linked
 //! `InstancePre`, so no state leaks between messages; the pooling allocator
-//! keeps that cheap. A deployment may opt into reusing instances that
+//! keeps that cheap, and while a core is spare the next instance is made,
+//! and the last one dropped, off the delivery path (see [`ahead`]). A deployment may opt into reusing instances that
 //! returned normally (see [`warm`]). Wall time is bounded by epoch interruption (a ticker
 //! thread bumps the epoch; the store yields to tokio each tick and traps at its
 //! deadline), memory and tables by a store limiter. Every failure comes back as
 //! an [`InvokeError`] whose [`FailureKind`] the caller maps to retry, reject or
 //! an HTTP status.
 
+mod ahead;
 pub mod bindings;
 mod cache;
 pub mod limits;
@@ -17,15 +19,17 @@ mod module;
 pub mod outbound;
 mod state;
 mod stdio;
+mod stores;
 mod warm;
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Trap};
 
 pub use bindings::types::{ConsumeError, Message, Request, Response};
 pub use cache::{ArtifactCache, CacheError, CacheStatus};
@@ -33,8 +37,10 @@ pub use limits::{LimitExceeded, Limits, Resource};
 pub use module::{LoadError, LoadErrorKind, ModuleInfo, ModuleSpec, World, content_hash};
 pub use state::HostState;
 
+use ahead::{Ahead, Refill};
 use bindings::{ConsumerPre, ProducerPre};
 use state::GuestContext;
+use stores::Stores;
 pub use warm::Linked;
 use warm::{IdleList, Lease, Registry, Warm};
 
@@ -58,6 +64,14 @@ pub struct RuntimeOptions {
     /// Invocations one instance may serve in sequence; 1 (the default) gives
     /// every invocation a fresh instance.
     pub instance_reuse: NonZeroU32,
+    /// Instances of each module made ahead of the invocations that take
+    /// them, and spent stores dropped after the answer (see [`ahead`]);
+    /// 0 does both on the delivery path.
+    pub prepared_instances: usize,
+    /// Reset pool slots with `PAGEMAP_SCAN` where the kernel has it (Linux
+    /// 6.7+). Off only to measure what a machine without it pays
+    /// (`docs/BENCHMARKS.md`, "Between machines").
+    pub pagemap_scan: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -67,6 +81,8 @@ impl Default for RuntimeOptions {
             cache_dir: None,
             max_module_bytes: 4 << 20,
             instance_reuse: NonZeroU32::MIN,
+            prepared_instances: 2,
+            pagemap_scan: true,
         }
     }
 }
@@ -90,6 +106,11 @@ impl<P: Linked> Module<P> {
     /// Instances kept idle for reuse now.
     pub fn idle_instances(&self) -> usize {
         self.warm.idle()
+    }
+
+    /// Instances prepared ahead, never given a message, ready now.
+    pub fn prepared_instances(&self) -> usize {
+        self.warm.prepared()
     }
 }
 
@@ -118,11 +139,19 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     limits: Limits,
+    stores: Stores,
+    ahead: Ahead,
+    prepared_instances: usize,
+    /// Invocations running now; the pool has headroom beyond
+    /// `max_concurrent` for work ahead, so this is what holds the limit.
+    in_flight: AtomicU32,
     cache: Option<ArtifactCache>,
     max_module_bytes: usize,
     instance_reuse: NonZeroU32,
     /// Every module's idle instances, freed when the pool runs out of slots.
     warm: Registry,
+    /// Whether pool slots are reset with `PAGEMAP_SCAN`.
+    pagemap_scan: bool,
 }
 
 impl Runtime {
@@ -131,7 +160,9 @@ impl Runtime {
     pub fn new(options: RuntimeOptions) -> anyhow::Result<Runtime> {
         let limits = options.limits;
         let mut pool = PoolingAllocationConfig::new();
-        let slots = limits.max_concurrent;
+        let slots = limits.max_concurrent.saturating_add(ahead::headroom(options.prepared_instances));
+        // The resident budget is shared over every slot, headroom included.
+        let pool_limits = Limits { max_concurrent: slots, ..limits };
         let per_component = u32::try_from(limits.max_instances).unwrap_or(u32::MAX);
         pool.total_component_instances(slots)
             .total_core_instances(slots.saturating_mul(per_component.min(8)))
@@ -146,19 +177,22 @@ impl Runtime {
             // Returning a slot's memory with madvise costs a TLB shootdown on
             // every core; batching those calls amortises it, but a batch
             // holds its slots' memory until it is flushed.
-            .decommit_batch_size(limits.decommit_batch());
+            .decommit_batch_size(pool_limits.decommit_batch());
         // Keeping memory resident between instances saves page faults and
         // madvise calls. With PAGEMAP_SCAN (Linux 6.7+) only the pages a guest
         // dirtied are reset, so a generous window is cheap; without it the
         // whole window is memset, so keep it small. Idle slots keep what
         // they hold until reused, so the window is the pool's resident
         // budget shared out over its slots.
-        if PoolingAllocationConfig::is_pagemap_scan_available() {
+        let pagemap_scan = options.pagemap_scan && PoolingAllocationConfig::is_pagemap_scan_available();
+        if pagemap_scan {
             pool.pagemap_scan(wasmtime::Enabled::Yes)
-                .linear_memory_keep_resident(limits.keep_resident_per_slot())
+                .linear_memory_keep_resident(pool_limits.keep_resident_per_slot())
                 .table_keep_resident(256 << 10);
         } else {
             pool.linear_memory_keep_resident(64 << 10).table_keep_resident(64 << 10);
+            // A fresh instance costs about twice as much without it.
+            tracing::info!("PAGEMAP_SCAN not used: pool slots are reset with memset and madvise");
         }
 
         let mut config = Config::new();
@@ -187,6 +221,10 @@ impl Runtime {
 
         spawn_epoch_ticker(&engine);
         Ok(Runtime {
+            stores: Stores::new(engine.clone(), limits),
+            ahead: Ahead::start(options.prepared_instances > 0),
+            prepared_instances: options.prepared_instances,
+            in_flight: AtomicU32::new(0),
             engine,
             linker,
             limits,
@@ -194,6 +232,7 @@ impl Runtime {
             max_module_bytes: options.max_module_bytes,
             instance_reuse: options.instance_reuse,
             warm: Registry::default(),
+            pagemap_scan,
         })
     }
 
@@ -208,6 +247,11 @@ impl Runtime {
         let Some(pool) = self.engine.pooling_allocator_metrics() else { return Vec::new() };
         let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         vec![
+            (
+                "pool_pagemap_scan",
+                "1 if pool slots are reset with PAGEMAP_SCAN (only dirtied pages), 0 if with memset and madvise.",
+                u64::from(self.pagemap_scan),
+            ),
             ("pool_memories", "Linear memories in use in the instance pool.", n(pool.memories())),
             (
                 "pool_unused_warm_memories",
@@ -294,10 +338,18 @@ impl Runtime {
     }
 
     fn module<P: Linked>(&self, info: Arc<ModuleInfo>, pre: P) -> Module<P> {
-        let warm = Arc::new(Warm::new(self.instance_reuse));
+        let warm = Arc::new(Warm::new(self.instance_reuse, self.prepared_instances));
         let list: Arc<dyn IdleList> = warm.clone();
         self.warm.add(Arc::downgrade(&list));
-        Module { info, pre, warm }
+        let module = Module { info, pre, warm };
+        // The first delivery need not wait for its instance either.
+        self.ahead.after(None, || self.refill(&module));
+        module
+    }
+
+    /// One more prepared instance for `module`, if it is below its target.
+    fn refill<P: Linked>(&self, module: &Module<P>) -> Option<Refill<P>> {
+        Refill::reserve(&module.pre, &module.warm, &module.info.guest, &self.stores)
     }
 
     fn link<P>(
@@ -313,27 +365,17 @@ impl Runtime {
     }
 
     /// A store for one invocation: an idle instance of `module` if reuse
-    /// allows, else a fresh store. Its deadline starts now.
+    /// allows, else one prepared ahead, else a fresh store. Its deadline
+    /// starts now.
     fn lease<P: Linked>(&self, module: &Module<P>, outbound: Arc<dyn Outbound>) -> Lease<P::Instance> {
-        let deadline = Instant::now() + self.limits.timeout;
-        let mut lease = match module.warm.take() {
+        match module.warm.take() {
             Some(mut lease) => {
-                lease.store.data_mut().begin(outbound, deadline);
+                lease.store.data_mut().begin(outbound, Instant::now() + self.limits.timeout);
+                lease.store.set_epoch_deadline(1);
                 lease
             }
-            None => {
-                let state = HostState::new(Arc::clone(&module.info.guest), outbound, self.limits, deadline);
-                let mut store = Store::new(&self.engine, state);
-                store.limiter(|s| &mut s.limiter);
-                store.epoch_deadline_callback(|store| {
-                    let expired = Instant::now() >= store.data().deadline();
-                    Ok(if expired { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-                });
-                Lease::fresh(store)
-            }
-        };
-        lease.store.set_epoch_deadline(1);
-        lease
+            None => Lease::fresh(self.stores.store(Arc::clone(&module.info.guest), outbound)),
+        }
     }
 
     /// Hands one message to a consumer. The outer `Result` is the host's
@@ -344,6 +386,7 @@ impl Runtime {
         message: &Message,
         outbound: Arc<dyn Outbound>,
     ) -> Result<Result<(), ConsumeError>, InvokeError> {
+        let _running = self.admit(&module.info)?;
         let mut lease = self.lease(module, outbound);
         let call = async {
             let (store, instance) = lease.ready(&module.pre).await.map_err(Phase::Instantiate)?;
@@ -360,6 +403,7 @@ impl Runtime {
         request: &Request,
         outbound: Arc<dyn Outbound>,
     ) -> Result<Response, InvokeError> {
+        let _running = self.admit(&module.info)?;
         let mut lease = self.lease(module, outbound);
         let call = async {
             let (store, instance) = lease.ready(&module.pre).await.map_err(Phase::Instantiate)?;
@@ -367,6 +411,22 @@ impl Runtime {
         };
         let result = tokio::time::timeout(self.limits.timeout + TIMER_SLACK, call).await;
         self.finish(module, lease, result)
+    }
+
+    /// Counts an invocation in, or refuses it when `max_concurrent` run
+    /// already.
+    fn admit(&self, info: &ModuleInfo) -> Result<Running<'_>, InvokeError> {
+        let max = self.limits.max_concurrent;
+        match self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)) {
+            Ok(_) => Ok(Running(&self.in_flight)),
+            Err(_) => {
+                let detail = format!("{max} invocations are running already");
+                let kind = FailureKind::ResourceLimit { resource: Resource::Pool, detail };
+                let error = InvokeError { module: info.label().to_string(), function: "handle", kind };
+                tracing::warn!(%error, "invocation refused");
+                Err(error)
+            }
+        }
     }
 
     /// Flushes the guest's output, keeps the instance if it returned
@@ -380,9 +440,8 @@ impl Runtime {
         lease.store.data().flush_output();
         let reused = lease.reused();
         let spent = lease.store.data().time_spent(self.limits.timeout);
-        if matches!(result, Ok(Ok(_))) {
-            module.warm.give_back(lease);
-        }
+        let spent_lease = if matches!(result, Ok(Ok(_))) { module.warm.give_back(lease) } else { Some(lease) };
+        self.ahead.after(spent_lease, || self.refill(module));
         let outcome = self.settle(&module.info, "handle", result, spent);
         if let Err(InvokeError { kind: FailureKind::ResourceLimit { resource: Resource::Pool, .. }, .. }) = &outcome {
             // Idle instances hold slots; give them up so the redelivery fits.
@@ -413,6 +472,15 @@ impl Runtime {
         let error = InvokeError { module: info.label().to_string(), function, kind };
         tracing::warn!(%error, "invocation failed");
         Err(error)
+    }
+}
+
+/// One invocation counted in [`Runtime::admit`], counted out when dropped.
+struct Running<'a>(&'a AtomicU32);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -8,10 +8,13 @@
 //! limit is dropped. This trades isolation between messages for skipping
 //! instantiation, the same trade `wasmtime serve` offers with instance reuse.
 //!
-//! Idle instances hold pool slots. An instance is only created when the idle
-//! list is empty, so live instances never exceed the peak number of
-//! invocations that ran at once; the idle list is also cleared when the pool
-//! runs out of slots, and goes away with its module version on a swap.
+//! Either way a few instances may be prepared ahead (see [`super::ahead`]):
+//! instantiated, never given a message, handed to the next invocation.
+//!
+//! Idle and prepared instances hold pool slots. An instance is only created
+//! when the idle list is empty, so idle ones never exceed the peak number of
+//! invocations that ran at once; both lists are cleared when the pool runs
+//! out of slots, and go away with their module version on a swap.
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -51,11 +54,12 @@ impl Linked for ProducerPre<HostState> {
 }
 
 /// A store for one invocation, with the instance it already holds when it
-/// was reused.
+/// was reused or prepared ahead.
 pub(super) struct Lease<I> {
     pub store: Store<HostState>,
     instance: Option<I>,
-    /// Invocations this store has started, this one included.
+    /// Invocations this store has started, this one included; 0 for an
+    /// instance prepared ahead that no invocation has had yet.
     uses: u32,
 }
 
@@ -63,6 +67,11 @@ impl<I> Lease<I> {
     /// A fresh store: the instance is created on first use.
     pub fn fresh(store: Store<HostState>) -> Self {
         Lease { store, instance: None, uses: 1 }
+    }
+
+    /// An instance made ahead of the invocation that will take it.
+    pub fn prepared(store: Store<HostState>, instance: I) -> Self {
+        Lease { store, instance: Some(instance), uses: 0 }
     }
 
     /// Whether this invocation runs on an instance that served before.
@@ -83,54 +92,106 @@ impl<I> Lease<I> {
     }
 }
 
-/// The idle instances of one module version.
+/// The instances of one module version waiting for an invocation: ones that
+/// served before (with reuse) and ones prepared ahead that never ran a
+/// message.
 pub(super) struct Warm<I> {
     max_uses: NonZeroU32,
-    idle: Mutex<Vec<Lease<I>>>,
+    /// How many never-used instances to keep ready.
+    prepared_target: usize,
+    lists: Mutex<Lists<I>>,
+}
+
+struct Lists<I> {
+    idle: Vec<Lease<I>>,
+    prepared: Vec<Lease<I>>,
+    /// Instances being prepared now, counted so that racing refills do not
+    /// overshoot the target.
+    preparing: usize,
 }
 
 impl<I> Warm<I> {
-    pub fn new(max_uses: NonZeroU32) -> Self {
-        Warm { max_uses, idle: Mutex::new(Vec::new()) }
+    pub fn new(max_uses: NonZeroU32, prepared_target: usize) -> Self {
+        Warm {
+            max_uses,
+            prepared_target,
+            lists: Mutex::new(Lists { idle: Vec::new(), prepared: Vec::new(), preparing: 0 }),
+        }
     }
 
-    /// An idle instance to reuse, if reuse is on and one is free.
+    /// An instance for the next invocation: one that served before if reuse
+    /// allows, else one prepared ahead.
     pub fn take(&self) -> Option<Lease<I>> {
-        if self.max_uses.get() == 1 {
-            return None;
-        }
-        let mut lease = self.idle.lock().ok()?.pop()?;
+        let mut lists = self.lists.lock().ok()?;
+        let mut lease = lists.idle.pop().or_else(|| lists.prepared.pop())?;
         lease.uses += 1;
         Some(lease)
     }
 
     /// Keeps an instance that returned normally, unless it has served its
-    /// share. Call only after a normal return: a trapped instance must never
-    /// run again.
-    pub fn give_back(&self, lease: Lease<I>) {
+    /// share; gives it back when not kept. Call only after a normal return:
+    /// a trapped instance must never run again.
+    pub fn give_back(&self, lease: Lease<I>) -> Option<Lease<I>> {
         if lease.uses >= self.max_uses.get() || lease.instance.is_none() {
-            return;
+            return Some(lease);
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(lease);
+        match self.lists.lock() {
+            Ok(mut lists) => {
+                lists.idle.push(lease);
+                None
+            }
+            Err(_) => Some(lease),
         }
     }
 
-    /// Idle instances now.
+    /// How many instances to prepare to reach the target; they are counted
+    /// as being prepared until [`Warm::add_prepared`] or
+    /// [`Warm::preparing_failed`].
+    pub fn reserve_prepared(&self) -> usize {
+        let Ok(mut lists) = self.lists.lock() else { return 0 };
+        let missing = self.prepared_target.saturating_sub(lists.prepared.len() + lists.preparing);
+        lists.preparing += missing;
+        missing
+    }
+
+    pub fn add_prepared(&self, lease: Lease<I>) {
+        if let Ok(mut lists) = self.lists.lock() {
+            lists.preparing = lists.preparing.saturating_sub(1);
+            lists.prepared.push(lease);
+        }
+    }
+
+    pub fn preparing_failed(&self, count: usize) {
+        if let Ok(mut lists) = self.lists.lock() {
+            lists.preparing = lists.preparing.saturating_sub(count);
+        }
+    }
+
+    /// Instances that served before and wait for reuse.
     pub fn idle(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+        self.lists.lock().map(|lists| lists.idle.len()).unwrap_or(0)
+    }
+
+    /// Never-used instances ready now.
+    pub fn prepared(&self) -> usize {
+        self.lists.lock().map(|lists| lists.prepared.len()).unwrap_or(0)
     }
 }
 
 /// An idle list of any world, so the runtime can free every module's slots.
 pub(super) trait IdleList: Send + Sync {
-    /// Drops every idle instance, freeing their pool slots.
+    /// Drops every idle and prepared instance, freeing their pool slots.
     fn clear(&self) -> usize;
 }
 
 impl<I: Send> IdleList for Warm<I> {
     fn clear(&self) -> usize {
-        self.idle.lock().map(|mut idle| std::mem::take(&mut *idle).len()).unwrap_or(0)
+        let Ok(mut lists) = self.lists.lock() else { return 0 };
+        let idle = std::mem::take(&mut lists.idle);
+        let prepared = std::mem::take(&mut lists.prepared);
+        // Dropped outside the lock: resetting a slot takes a while.
+        drop(lists);
+        idle.len() + prepared.len()
     }
 }
 

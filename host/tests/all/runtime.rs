@@ -455,6 +455,47 @@ async fn every_message_gets_a_fresh_instance_by_default() {
     assert_eq!(module.idle_instances(), 0);
 }
 
+#[test]
+fn metrics_say_how_pool_slots_are_reset() {
+    let gauge = |rt: &Runtime| rt.pool_gauges().into_iter().find(|g| g.0 == "pool_pagemap_scan").map(|g| g.2);
+    let off = RuntimeOptions { limits: small_limits(), pagemap_scan: false, ..RuntimeOptions::default() };
+    assert_eq!(gauge(&Runtime::new(off).unwrap()), Some(0));
+    let available = wasmtime::PoolingAllocationConfig::is_pagemap_scan_available();
+    assert_eq!(gauge(&runtime_with(small_limits())), Some(u64::from(available)));
+}
+
+#[tokio::test]
+async fn instances_prepared_ahead_are_taken_by_messages_and_never_reused() {
+    let rt = runtime_with(small_limits());
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+    wait_for_prepared(&module, 2).await;
+    for i in 0..6 {
+        let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), out.clone()).await;
+        assert_eq!(retry_reason(outcome), "calls=1", "call {i} ran on an instance a message had used");
+        assert!(module.prepared_instances() < 2, "call {i} did not take a prepared instance");
+        wait_for_prepared(&module, 2).await;
+    }
+    assert_eq!(module.idle_instances(), 0, "a used instance is never kept without reuse");
+    // A prepared instance's sends go where its invocation says.
+    let sink = wasm_pc::runtime::outbound::Recorder::default();
+    let sent = rt.consume(&module, &message("s", b"send:orders"), Arc::new(sink.clone())).await;
+    assert_eq!(sent.unwrap(), Ok(()));
+    let sent = sink.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, "orders");
+}
+
+async fn wait_for_prepared(module: &wasm_pc::runtime::ConsumerModule, n: usize) {
+    for _ in 0..500 {
+        if module.prepared_instances() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("{} instances prepared, expected {n}", module.prepared_instances());
+}
+
 #[tokio::test]
 async fn reuse_serves_n_messages_per_instance_and_drops_failed_instances() {
     let options = RuntimeOptions {
@@ -494,8 +535,13 @@ async fn reuse_serves_n_messages_per_instance_and_drops_failed_instances() {
 #[tokio::test]
 async fn idle_instances_give_up_their_slots_when_the_pool_is_full() {
     let limits = Limits { max_concurrent: 1, ..small_limits() };
-    let options =
-        RuntimeOptions { limits, instance_reuse: std::num::NonZeroU32::new(100).unwrap(), ..RuntimeOptions::default() };
+    let options = RuntimeOptions {
+        limits,
+        instance_reuse: std::num::NonZeroU32::new(100).unwrap(),
+        // No headroom in the pool, and nothing prepared: one slot in all.
+        prepared_instances: 0,
+        ..RuntimeOptions::default()
+    };
     let rt = Runtime::new(options).unwrap();
     let a = rt.load_consumer(ModuleSpec::new("a", guests::bytes("faulty"))).unwrap();
     let b = rt.load_consumer(ModuleSpec::new("b", guests::bytes("faulty-b"))).unwrap();

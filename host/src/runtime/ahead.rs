@@ -1,0 +1,171 @@
+//! Work taken off the delivery path.
+//!
+//! Besides the call, a fresh instance costs its delivery two things: creating
+//! the instance, and resetting its pool slot when the store is dropped.
+//! Neither needs the delivery to wait. After an invocation a thread of its
+//! own drops the spent store and prepares the module's next instance (store,
+//! WASI context, instantiation; no export is called), so the answer goes out
+//! first and the next delivery finds its instance ready. A message still
+//! never runs on an instance that ran another message.
+//!
+//! That pays only with a core to spare, so the thread runs at idle priority
+//! (`SCHED_IDLE`: only when a core has nothing else to run) and takes one
+//! job at a time. While it is busy or starved (the host is loaded) an
+//! invocation drops its store inline and prepares nothing, as without it,
+//! so under load the work is neither queued nor moved. Each module keeps at most its target of
+//! prepared instances, and the pool gets [`headroom`] slots for them and the
+//! store being dropped on top of `max_concurrent`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::state::GuestContext;
+use super::stores::Stores;
+use super::warm::{Lease, Linked, Warm};
+
+/// Pool slots added for work ahead: the store being dropped, and `prepared`
+/// instances for each of two worlds in two versions (a swap in progress).
+pub(super) fn headroom(prepared: usize) -> u32 {
+    if prepared == 0 {
+        return 0;
+    }
+    u32::try_from(prepared.saturating_mul(4).saturating_add(1)).unwrap_or(u32::MAX)
+}
+
+/// The work-ahead thread.
+pub(super) struct Ahead {
+    /// Set while the thread has a job.
+    busy: Arc<AtomicBool>,
+    /// The thread's executor; `None` when disabled or the thread could not
+    /// start, and then everything is done inline.
+    thread: Option<tokio::runtime::Handle>,
+}
+
+impl Ahead {
+    /// Work ahead on its own thread, or none at all (`enabled` false: all
+    /// of it on the delivery path).
+    pub fn start(enabled: bool) -> Self {
+        Ahead { busy: Arc::default(), thread: if enabled { start_thread() } else { None } }
+    }
+
+    /// Drops `spent` and prepares what `refill` reserves, on the thread if
+    /// it is free, else drops `spent` now and prepares nothing.
+    pub fn after<P: Linked>(&self, spent: Option<Lease<P::Instance>>, refill: impl FnOnce() -> Option<Refill<P>>) {
+        let Some(thread) = &self.thread else { return };
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let idle = Idle(Arc::clone(&self.busy));
+        let refill = refill();
+        if spent.is_none() && refill.is_none() {
+            return;
+        }
+        thread.spawn(async move {
+            drop(spent);
+            if let Some(refill) = refill {
+                refill.run().await;
+            }
+            drop(idle);
+        });
+    }
+}
+
+/// Marks the thread free again when its job is done or dropped.
+struct Idle(Arc<AtomicBool>);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A thread running a single-threaded executor for the life of the
+/// process; it sleeps when there is no work.
+fn start_thread() -> Option<tokio::runtime::Handle> {
+    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::warn!(%error, "no work-ahead executor; instances are made and dropped on the delivery path");
+            return None;
+        }
+    };
+    let handle = runtime.handle().clone();
+    let spawned = std::thread::Builder::new().name("wasm-ahead".into()).spawn(move || {
+        idle_priority();
+        runtime.block_on(std::future::pending::<()>())
+    });
+    match spawned {
+        Ok(_) => Some(handle),
+        Err(error) => {
+            tracing::warn!(%error, "no work-ahead thread; instances are made and dropped on the delivery path");
+            None
+        }
+    }
+}
+
+/// Lowers the calling thread to run only on otherwise idle cores.
+#[cfg(target_os = "linux")]
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes only the calling thread's policy; `param` outlives the call.
+    let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if set != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::debug!(%error, "work-ahead thread keeps normal priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn idle_priority() {}
+
+/// Instances to prepare for a module, counted by its [`Warm`] from
+/// reservation until each is added or has failed.
+pub(super) struct Refill<P: Linked> {
+    pre: P,
+    warm: Arc<Warm<P::Instance>>,
+    guest: Arc<GuestContext>,
+    stores: Stores,
+    /// Reserved and not yet added.
+    owed: usize,
+}
+
+impl<P: Linked> Refill<P> {
+    /// A refill if the module is below its target of prepared instances.
+    pub fn reserve(pre: &P, warm: &Arc<Warm<P::Instance>>, guest: &Arc<GuestContext>, stores: &Stores) -> Option<Self> {
+        let owed = warm.reserve_prepared();
+        (owed > 0).then(|| Refill {
+            pre: pre.clone(),
+            warm: Arc::clone(warm),
+            guest: Arc::clone(guest),
+            stores: stores.clone(),
+            owed,
+        })
+    }
+
+    async fn run(mut self) {
+        while self.owed > 0 {
+            let mut store = self.stores.unassigned(Arc::clone(&self.guest));
+            match self.pre.instantiate(&mut store).await {
+                Ok(instance) => {
+                    self.owed -= 1;
+                    self.warm.add_prepared(Lease::prepared(store, instance));
+                }
+                // The delivery that would have taken it instantiates inline
+                // and reports the failure itself.
+                Err(error) => {
+                    let error = format!("{error:#}");
+                    tracing::debug!(module = %self.guest.label, %error, "could not prepare an instance ahead");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<P: Linked> Drop for Refill<P> {
+    fn drop(&mut self) {
+        if self.owed > 0 {
+            self.warm.preparing_failed(self.owed);
+        }
+    }
+}
