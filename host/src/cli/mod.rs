@@ -97,7 +97,8 @@ struct RuntimeArgs {
     /// Largest a guest's linear memory may grow, in MiB.
     #[arg(long, env = "WASM_PC_MEMORY_MIB", default_value_t = 64)]
     memory_mib: usize,
-    /// Most invocations running at once (pooling allocator slots).
+    /// Most invocations running at once (pooling allocator slots, plus a
+    /// few for instances prepared ahead).
     #[arg(long, env = "WASM_PC_MAX_INSTANCES", default_value_t = 1_000)]
     max_instances: u32,
     /// Most memory, in MiB, the instance pool's idle slots keep resident

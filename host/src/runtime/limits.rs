@@ -7,7 +7,7 @@
 //! | table elements | 20,000 | function tables of large guests fit; runaway growth does not |
 //! | instances | 20 core instances per component | a Rust component needs ~5 |
 //! | wasm stack | 512 KiB | unbounded recursion ends as a classified stack overflow |
-//! | concurrent instances | 1,000 | the pool's size; 1,000 messages in flight per host |
+//! | concurrent instances | 1,000 | 1,000 messages in flight per host; the pool has this many slots plus a few for instances prepared ahead |
 
 use std::time::Duration;
 
@@ -26,7 +26,8 @@ pub struct Limits {
     pub max_instances: usize,
     /// Deepest the wasm stack may get, in bytes.
     pub max_stack_bytes: usize,
-    /// Most invocations that may run at once on one runtime (pool slots).
+    /// Most invocations that may run at once on one runtime (the pool has
+    /// this many slots, plus headroom for instances prepared ahead).
     pub max_concurrent: u32,
     /// Most linear memory the pool's idle slots may keep resident, all
     /// together: each slot keeps up to this over `max_concurrent` (at most
