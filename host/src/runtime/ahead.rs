@@ -12,9 +12,12 @@
 //! (`SCHED_IDLE`: only when a core has nothing else to run) and takes one
 //! job at a time. While it is busy or starved (the host is loaded) an
 //! invocation drops its store inline and prepares nothing, as without it,
-//! so under load the work is neither queued nor moved. Each module keeps at most its target of
-//! prepared instances, and the pool gets [`headroom`] slots for them and the
-//! store being dropped on top of `max_concurrent`.
+//! so under load the work is neither queued nor moved. (If it is preempted
+//! holding one of the pool's short locks, a worker that waits on that lock
+//! leaves its core idle, which is what lets the thread run and release it.)
+//! Each module keeps at most its target of prepared instances, and the pool
+//! gets [`headroom`] slots for them and the store being dropped on top of
+//! `max_concurrent`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -29,19 +29,33 @@ pub struct Limits {
     /// Most invocations that may run at once on one runtime (the pool has
     /// this many slots, plus headroom for instances prepared ahead).
     pub max_concurrent: u32,
-    /// Most linear memory the pool's idle slots may keep resident, all
-    /// together: each slot keeps up to this over `max_concurrent` (at most
-    /// 4 MiB, at least 64 KiB) so that a burst cannot leave more behind.
+    /// Most memory the pool's idle slots may keep resident, all together:
+    /// each instance slot's share of it goes three quarters to its linear
+    /// memory and a sixteenth to each of its four table slots, so that a
+    /// burst cannot leave more behind.
     pub pool_resident_bytes: usize,
 }
 
 impl Limits {
-    /// What one idle pool slot keeps of a guest's memory: the budget shared
-    /// by all slots, in whole wasm pages, from 64 KiB to 4 MiB.
+    /// What one idle pool slot keeps of a guest's linear memory: three
+    /// quarters of its share of the budget, in whole wasm pages, from 64 KiB
+    /// to 3 MiB.
     pub fn keep_resident_per_slot(&self) -> usize {
         const PAGE: usize = 64 << 10;
+        (self.share_per_slot() / 4 * 3 / PAGE * PAGE).clamp(PAGE, 3 << 20)
+    }
+
+    /// What one idle table slot (four per instance slot) keeps: a sixteenth
+    /// of the instance slot's share, in whole host pages, from 4 KiB to
+    /// 256 KiB (a table at the 20,000-element limit is about 156 KiB).
+    pub fn table_keep_resident(&self) -> usize {
+        const PAGE: usize = 4 << 10;
+        (self.share_per_slot() / 16 / PAGE * PAGE).clamp(PAGE, 256 << 10)
+    }
+
+    fn share_per_slot(&self) -> usize {
         let slots = usize::try_from(self.max_concurrent.max(1)).unwrap_or(usize::MAX);
-        (self.pool_resident_bytes / slots / PAGE * PAGE).clamp(PAGE, 4 << 20)
+        self.pool_resident_bytes / slots
     }
 
     /// How many freed slots may wait for their memory past the window to
@@ -156,24 +170,31 @@ mod tests {
             max_memory_bytes: memory_mib << 20,
             ..Limits::default()
         };
-        // Defaults: 1,000 slots share 512 MiB.
-        assert_eq!(Limits::default().keep_resident_per_slot(), 512 << 10);
+        // Defaults: 1,000 slots share 512 MiB, 384 KiB of memory and 32 KiB
+        // of each of four tables each.
+        assert_eq!(Limits::default().keep_resident_per_slot(), 384 << 10);
+        assert_eq!(Limits::default().table_keep_resident(), 32 << 10);
         assert_eq!(Limits::default().decommit_batch(), 8);
         // Few slots get the most a slot keeps; many, a page each.
-        assert_eq!(limits(16, 512, 64).keep_resident_per_slot(), 4 << 20);
+        assert_eq!(limits(16, 512, 64).keep_resident_per_slot(), 3 << 20);
+        assert_eq!(limits(16, 512, 64).table_keep_resident(), 256 << 10);
         assert_eq!(limits(100_000, 512, 64).keep_resident_per_slot(), 64 << 10);
+        assert_eq!(limits(100_000, 512, 64).table_keep_resident(), 4 << 10);
         // Whole pages only.
         assert_eq!(limits(3, 1, 64).keep_resident_per_slot() % (64 << 10), 0);
         // Large guests flush alone; small ones batch up to 32.
         assert_eq!(limits(1000, 512, 4096).decommit_batch(), 1);
         assert_eq!(limits(1000, 512, 1).decommit_batch(), 32);
-        // Linear memory that idle slots keep plus what waits for decommit
-        // stays within twice the budget, whatever the guests do.
+        // Memory and tables that idle slots keep, plus what waits for
+        // decommit, stay within twice the budget, whatever the guests do.
         for (slots, budget, memory) in [(1000, 512, 64), (16, 512, 64), (1000, 64, 512), (8, 1024, 16)] {
             let l = limits(slots, budget, memory);
-            let kept = usize::try_from(slots).unwrap() * l.keep_resident_per_slot();
+            let per_slot = l.keep_resident_per_slot() + 4 * l.table_keep_resident();
+            let kept = usize::try_from(slots).unwrap() * per_slot;
             let waiting = l.decommit_batch() * (memory << 20);
-            assert!(kept <= (budget << 20).max(usize::try_from(slots).unwrap() << 16), "{slots} {budget} {memory}");
+            // Tables included; the floor of a page each when the budget is tiny.
+            let floor = usize::try_from(slots).unwrap() * ((64 << 10) + 4 * (4 << 10));
+            assert!(kept <= (budget << 20).max(floor), "{slots} {budget} {memory}");
             assert!(waiting <= (budget << 20).max(memory << 20), "{slots} {budget} {memory}");
         }
     }

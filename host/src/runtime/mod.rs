@@ -188,7 +188,7 @@ impl Runtime {
         if pagemap_scan {
             pool.pagemap_scan(wasmtime::Enabled::Yes)
                 .linear_memory_keep_resident(pool_limits.keep_resident_per_slot())
-                .table_keep_resident(256 << 10);
+                .table_keep_resident(pool_limits.table_keep_resident());
         } else {
             pool.linear_memory_keep_resident(64 << 10).table_keep_resident(64 << 10);
             // A fresh instance costs about twice as much without it.
