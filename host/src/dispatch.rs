@@ -30,86 +30,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::http::Body;
 use crate::metrics::Metrics;
+use crate::reply::Body;
 use crate::runtime::outbound::Outbound;
 use crate::runtime::{
-    ConsumeError, ConsumerModule, FailureKind, InvokeError, Message, ModuleInfo, ProducerModule, Request, Response,
-    Runtime,
+    ConsumerModule, FailureKind, InvokeError, Message, ModuleInfo, ProducerModule, Request, Response, Runtime,
 };
-
-/// What must happen to a delivered message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settlement {
-    /// The consumer succeeded: acknowledge (complete) the message.
-    Complete,
-    /// A transient failure: give the message back for redelivery.
-    Abandon { reason: String },
-    /// Poison: dead-letter now, never retry.
-    DeadLetter { reason: String },
-}
-
-impl Settlement {
-    /// Maps an invocation outcome. Every failure the guest did not call
-    /// poison is retried: a trap or timeout may be caused by this host (load,
-    /// a bad deploy being rolled back) and redelivery is bounded by the max
-    /// delivery count anyway.
-    fn from_outcome(outcome: &Result<Result<(), ConsumeError>, InvokeError>) -> Settlement {
-        match outcome {
-            Ok(Ok(())) => Settlement::Complete,
-            Ok(Err(ConsumeError::Retry(reason))) => {
-                Settlement::Abandon { reason: format!("consumer asked to retry: {reason}") }
-            }
-            Ok(Err(ConsumeError::Reject(reason))) => {
-                Settlement::DeadLetter { reason: format!("consumer rejected: {reason}") }
-            }
-            Err(error) => Settlement::Abandon { reason: error.to_string() },
-        }
-    }
-
-    /// A short label for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Settlement::Complete => "complete",
-            Settlement::Abandon { .. } => "abandon",
-            Settlement::DeadLetter { .. } => "dead_letter",
-        }
-    }
-}
-
-/// The live version of a module, or none while no file has loaded (a host
-/// started with a module it refuses stays up, unready, until one loads).
-/// Swapped atomically by the reloader; invocations that already hold the
-/// old version finish on it.
-pub struct Slot<M> {
-    current: ArcSwapOption<M>,
-}
-
-impl<M> Slot<M> {
-    pub fn new(module: M) -> Self {
-        Slot { current: ArcSwapOption::from_pointee(module) }
-    }
-
-    /// A slot with no module yet.
-    pub fn empty() -> Self {
-        Slot { current: ArcSwapOption::empty() }
-    }
-
-    /// The version new invocations use.
-    pub fn current(&self) -> Option<Arc<M>> {
-        self.current.load_full()
-    }
-
-    /// Makes `module` the live version.
-    pub fn replace(&self, module: M) {
-        self.current.store(Some(Arc::new(module)));
-    }
-}
+pub use crate::settlement::Settlement;
+pub use crate::slot::Slot;
 
 /// The result of one invocation, before it is acknowledged.
 #[derive(Debug)]
@@ -174,7 +106,7 @@ pub trait Source: Send + Sync + 'static {
         _dispatcher: Arc<Dispatcher>,
         _request: hyper::Request<Incoming>,
     ) -> BoxFuture<hyper::Response<Body>> {
-        Box::pin(async { crate::http::error(hyper::StatusCode::NOT_FOUND, "no such route") })
+        Box::pin(async { crate::reply::error(hyper::StatusCode::NOT_FOUND, "no such route") })
     }
 
     /// Work it does by itself (pulling from a queue) until `shutdown`, then

@@ -30,9 +30,12 @@ pub mod metrics;
 pub mod modules;
 pub mod queue;
 pub mod reload;
+mod reply;
 pub mod runtime;
 pub mod scale;
 pub mod servicebus;
+mod settlement;
 mod shutdown;
+mod slot;
 
 pub use cli::main;

@@ -6,8 +6,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dispatch::Settlement;
 use crate::runtime::FailureKind;
+use crate::settlement::Settlement;
 
 /// Process-wide counters.
 #[derive(Debug, Default)]

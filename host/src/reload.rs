@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use crate::dispatch::Slot;
 use crate::metrics::Metrics;
 use crate::modules::ModuleSource;
 use crate::runtime::{ConsumerModule, LoadError, ModuleInfo, ProducerModule, Runtime, World, content_hash};
+use crate::slot::Slot;
 
 /// Wait this long after the last file event before re-reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
