@@ -1,7 +1,8 @@
 //! End-to-end durable throughput of embedded mode: producer component →
 //! SQLite queue (group commit) → worker pool → consumer component → complete.
 //!
-//! `cargo bench -p wasm-pc --bench embedded [-- N]`
+//! `cargo bench -p wasm-pc --bench embedded [-- N]`; `BENCH_PREPARED=0` runs
+//! it with nothing prepared ahead (`--prepared-instances 0`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -28,7 +29,11 @@ fn main() {
 /// otherwise everything is produced first, then consumed, timed apart.
 async fn run(count: usize, concurrent: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(Runtime::new(RuntimeOptions::default()).unwrap());
+    let mut options = RuntimeOptions::default();
+    if let Some(prepared) = std::env::var("BENCH_PREPARED").ok().and_then(|v| v.parse().ok()) {
+        options.prepared_instances = prepared;
+    }
+    let runtime = Arc::new(Runtime::new(options).unwrap());
     let metrics = Arc::new(Metrics::default());
     let queue = QueueHandle::open(&dir.path().join("bench.db"), StoreOptions::default()).unwrap();
     let outbound = Arc::new(EmbeddedOutbound::new(queue.clone(), ["orders".to_string()], metrics.clone()));

@@ -441,7 +441,13 @@ impl Runtime {
         let reused = lease.reused();
         let spent = lease.store.data().time_spent(self.limits.timeout);
         let spent_lease = if matches!(result, Ok(Ok(_))) { module.warm.give_back(lease) } else { Some(lease) };
-        self.ahead.after(spent_lease, || self.refill(module));
+        // Other invocations running: the host is busy, and waking the
+        // work-ahead thread would cost more than it saves.
+        if self.in_flight.load(Ordering::Acquire) > 1 {
+            drop(spent_lease);
+        } else {
+            self.ahead.after(spent_lease, || self.refill(module));
+        }
         let outcome = self.settle(&module.info, "handle", result, spent);
         if let Err(InvokeError { kind: FailureKind::ResourceLimit { resource: Resource::Pool, .. }, .. }) = &outcome {
             // Idle instances hold slots; give them up so the redelivery fits.
