@@ -25,6 +25,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::Module;
 use super::state::GuestContext;
 use super::stores::Stores;
 use super::warm::{Lease, Linked, Warm};
@@ -45,13 +46,16 @@ pub(super) struct Ahead {
     /// The thread's executor; `None` when disabled or the thread could not
     /// start, and then everything is done inline.
     thread: Option<tokio::runtime::Handle>,
+    /// Dropped with the runtime, which ends the thread.
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Ahead {
     /// Work ahead on its own thread, or none at all (`enabled` false: all
     /// of it on the delivery path).
     pub fn start(enabled: bool) -> Self {
-        Ahead { busy: Arc::default(), thread: if enabled { start_thread() } else { None } }
+        let (thread, stop) = if enabled { start_thread().unzip() } else { (None, None) };
+        Ahead { busy: Arc::default(), thread, _stop: stop }
     }
 
     /// Drops `spent` and prepares what `refill` reserves, on the thread if
@@ -85,9 +89,9 @@ impl Drop for Idle {
     }
 }
 
-/// A thread running a single-threaded executor for the life of the
-/// process; it sleeps when there is no work.
-fn start_thread() -> Option<tokio::runtime::Handle> {
+/// A thread running a single-threaded executor until the returned sender
+/// is dropped; it sleeps when there is no work.
+fn start_thread() -> Option<(tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>)> {
     let runtime = match tokio::runtime::Builder::new_current_thread().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -96,12 +100,15 @@ fn start_thread() -> Option<tokio::runtime::Handle> {
         }
     };
     let handle = runtime.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let spawned = std::thread::Builder::new().name("wasm-ahead".into()).spawn(move || {
         idle_priority();
-        runtime.block_on(std::future::pending::<()>())
+        // Ends when the sender is dropped; a job not yet done is dropped
+        // with the executor, and gives back what it reserved.
+        let _ = runtime.block_on(stopped);
     });
     match spawned {
-        Ok(_) => Some(handle),
+        Ok(_) => Some((handle, stop)),
         Err(error) => {
             tracing::warn!(%error, "no work-ahead thread; instances are made and dropped on the delivery path");
             None
@@ -136,13 +143,13 @@ pub(super) struct Refill<P: Linked> {
 }
 
 impl<P: Linked> Refill<P> {
-    /// A refill if the module is below its target of prepared instances.
-    pub fn reserve(pre: &P, warm: &Arc<Warm<P::Instance>>, guest: &Arc<GuestContext>, stores: &Stores) -> Option<Self> {
-        let owed = warm.reserve_prepared();
+    /// A refill if `module` is below its target of prepared instances.
+    pub fn reserve(module: &Module<P>, stores: &Stores) -> Option<Self> {
+        let owed = module.warm.reserve_prepared();
         (owed > 0).then(|| Refill {
-            pre: pre.clone(),
-            warm: Arc::clone(warm),
-            guest: Arc::clone(guest),
+            pre: module.pre.clone(),
+            warm: Arc::clone(&module.warm),
+            guest: Arc::clone(&module.info.guest),
             stores: stores.clone(),
             owed,
         })

@@ -4,8 +4,9 @@
 //! Every invocation gets a fresh `Store` and instance from a pre-linked
 //! `InstancePre`, so no state leaks between messages; the pooling allocator
 //! keeps that cheap, and while a core is spare the next instance is made,
-//! and the last one dropped, off the delivery path (see [`ahead`]). A deployment may opt into reusing instances that
-//! returned normally (see [`warm`]). Wall time is bounded by epoch interruption (a ticker
+//! and the last one dropped, off the delivery path (see [`ahead`]). A
+//! deployment may opt into reusing instances that returned normally (see
+//! [`warm`]). Wall time is bounded by epoch interruption (a ticker
 //! thread bumps the epoch; the store yields to tokio each tick and traps at its
 //! deadline), memory and tables by a store limiter. Every failure comes back as
 //! an [`InvokeError`] whose [`FailureKind`] the caller maps to retry, reject or
@@ -26,7 +27,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Trap};
@@ -349,7 +350,7 @@ impl Runtime {
 
     /// One more prepared instance for `module`, if it is below its target.
     fn refill<P: Linked>(&self, module: &Module<P>) -> Option<Refill<P>> {
-        Refill::reserve(&module.pre, &module.warm, &module.info.guest, &self.stores)
+        Refill::reserve(module, &self.stores)
     }
 
     fn link<P>(
@@ -370,8 +371,7 @@ impl Runtime {
     fn lease<P: Linked>(&self, module: &Module<P>, outbound: Arc<dyn Outbound>) -> Lease<P::Instance> {
         match module.warm.take() {
             Some(mut lease) => {
-                lease.store.data_mut().begin(outbound, Instant::now() + self.limits.timeout);
-                lease.store.set_epoch_deadline(1);
+                self.stores.begin(&mut lease.store, outbound);
                 lease
             }
             None => Lease::fresh(self.stores.store(Arc::clone(&module.info.guest), outbound)),

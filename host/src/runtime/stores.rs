@@ -27,8 +27,7 @@ impl Stores {
 
     /// A store whose time limit starts now, ready to instantiate into.
     pub fn store(&self, guest: Arc<GuestContext>, outbound: Arc<dyn Outbound>) -> Store<HostState> {
-        let deadline = Instant::now() + self.limits.timeout;
-        let state = HostState::new(guest, outbound, self.limits, deadline);
+        let state = HostState::new(guest, outbound, self.limits, self.deadline());
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         // Each epoch tick a running guest yields to other tasks; past its
@@ -39,6 +38,18 @@ impl Stores {
         });
         store.set_epoch_deadline(1);
         store
+    }
+
+    /// Readies a store that waited (reused or prepared ahead) for the
+    /// invocation taking it: its sends go to `outbound`, its time limit
+    /// starts now.
+    pub fn begin(&self, store: &mut Store<HostState>, outbound: Arc<dyn Outbound>) {
+        store.data_mut().begin(outbound, self.deadline());
+        store.set_epoch_deadline(1);
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.limits.timeout
     }
 
     /// A store for an instance prepared ahead: it sends nowhere until an
