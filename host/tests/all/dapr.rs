@@ -7,12 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-use crate::process::{Running, command};
+use crate::process::{Running, command, free_port};
 use crate::sidecar::{Broker, Config, Event, Input, PubSubConfig, PubSubOutcome, SbMessage, Sidecar, eventually};
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 pub(crate) struct Host {
     running: Option<Running>,

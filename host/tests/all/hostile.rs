@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::dapr::{Host, free_port, metric, order, request};
+use crate::dapr::{Host, metric, order, request};
+use crate::process::free_port;
 
 /// Writes `bytes` on a new connection (then closes our side if `half_close`)
 /// and returns whatever came back within `within`: empty if nothing did.

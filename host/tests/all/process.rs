@@ -9,6 +9,35 @@ use std::time::{Duration, Instant};
 
 use crate::guests;
 
+/// A port on 127.0.0.1 for a child process to listen on: nothing listens
+/// there now, and no other call in this test process returns it again.
+///
+/// Drawn below the kernel's ephemeral range, because a port from `bind(0)`
+/// is fair game for the kernel again once let go, until the child binds it:
+/// another `bind(0)` here or any outgoing connection can take it first. A
+/// host polling its sidecar's port before daprd is up can even connect to
+/// itself there (source port = destination port) and hold it; daprd then
+/// exits and the test waits for a port that never opens. Below the range
+/// only an explicit bind competes.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let (low, span) = (10_000, ephemeral_low.saturating_sub(10_000).max(1_000));
+    // Test processes that run one after another start at different places.
+    let start = std::process::id() * 7_919 % span;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{}", low + span);
+}
+
 /// The host binary, with the guests installed as modules.
 pub fn command(args: &[&str]) -> Command {
     modules_dir();

@@ -19,7 +19,7 @@ use wasm_pc::reload::{Reloader, Target};
 use wasm_pc::runtime::{ModuleSpec, Runtime, RuntimeOptions, World};
 
 use crate::guests;
-use crate::process::{Running, command, http};
+use crate::process::{Running, command, free_port, http};
 use crate::sidecar::{Broker, Config, Sidecar, eventually};
 
 /// A directory laid out and updated exactly as the kubelet does a
@@ -63,10 +63,6 @@ impl ConfigMapDir {
             std::fs::remove_dir_all(root.join(old)).unwrap();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn start_consumer(dir: &Path, sidecar_port: u16) -> (Running, u16) {

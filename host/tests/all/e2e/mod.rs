@@ -13,43 +13,64 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{Running, command, http};
+use crate::process::{Running, command, free_port, http};
 
 /// The daprd under test (`WASM_PC_DAPRD`, set by `cargo xtask`).
 pub fn daprd() -> PathBuf {
     PathBuf::from(std::env::var("WASM_PC_DAPRD").expect("WASM_PC_DAPRD: the daprd binary (cargo xtask daprd)"))
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A child process, its output in a log file; killed when dropped.
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
 }
-
-pub fn wait_for_port(port: u16, what: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not open port {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A child process group that is killed when dropped.
-pub struct Proc(pub Child);
 
 impl Proc {
     pub fn spawn(cmd: &mut Command, log: &Path) -> Proc {
         let file = std::fs::File::create(log).unwrap();
         let err = file.try_clone().unwrap();
-        Proc(cmd.stdout(file).stderr(err).spawn().unwrap())
+        Proc { child: cmd.stdout(file).stderr(err).spawn().unwrap(), log: log.to_owned() }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until something listens on `port`. A process that exits first,
+    /// or is not listening within `within`, fails the test with the end of
+    /// its log: CI keeps only the test's output.
+    pub fn wait_for_port(&mut self, port: u16, what: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = self.child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let why = exited.map_or_else(|| format!("within {within:?}"), |status| format!("it exited: {status}"));
+                panic!(
+                    "{what} did not open port {port} ({why}); the end of {}:\n{}",
+                    self.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").args([sig, &self.0.id().to_string()]).status();
+        let _ = Command::new("kill").args([sig, &self.id().to_string()]).status();
+    }
+
+    /// Waits for a process that was sent a fatal signal.
+    pub fn reap(&mut self) {
+        let _ = self.child.wait();
     }
 
     pub fn wait(mut self, within: Duration) -> Option<i32> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
+            if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code();
             }
             if Instant::now() > deadline {
@@ -62,8 +83,8 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -125,7 +146,7 @@ impl App {
 }
 
 pub fn start_daprd(daprd: &Path, id: &str, app_port: u16, http_port: u16, resources: &Path, log: &Path) -> Proc {
-    let p = Proc::spawn(
+    let mut p = Proc::spawn(
         Command::new(daprd)
             .args(["--app-id", id, "--app-port", &app_port.to_string(), "--dapr-http-port", &http_port.to_string()])
             .args(["--dapr-grpc-port", &free_port().to_string(), "--dapr-internal-grpc-port", &free_port().to_string()])
@@ -145,7 +166,7 @@ pub fn start_daprd(daprd: &Path, id: &str, app_port: u16, http_port: u16, resour
             .stdin(Stdio::null()),
         log,
     );
-    wait_for_port(http_port, "daprd", Duration::from_secs(30));
+    p.wait_for_port(http_port, "daprd", Duration::from_secs(30));
     p
 }
 

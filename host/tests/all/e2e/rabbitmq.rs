@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use super::{API_TOKEN, APP_TOKEN, App, Proc, free_port, order, post, post_sample_orders, start_daprd, wait_for_port};
-use crate::process::{command, http};
+use super::{API_TOKEN, APP_TOKEN, App, Proc, order, post, post_sample_orders, start_daprd};
+use crate::process::{command, free_port, http};
 
 /// RabbitMQ on loopback ports, with the management API for inspection.
 struct Rabbit {
@@ -27,9 +27,9 @@ impl Drop for Rabbit {
     /// and epmd as a daemon of its own. Kill the group, then stop epmd, so
     /// no broker outlives the test, passed or failed. The data is disposable.
     fn drop(&mut self) {
-        let group = format!("-{}", self.proc.0.id());
+        let group = format!("-{}", self.proc.id());
         let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
-        let _ = self.proc.0.wait();
+        self.proc.reap();
         // epmd refuses while the dead node is still registered, which it
         // notices a moment later.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -76,9 +76,9 @@ impl Rabbit {
             &dir.join("rabbitmq.log"),
         );
         // Owned before the waits, so a broker that never comes up is stopped too.
-        let rabbit = Rabbit { proc, amqp, api, epmd };
-        wait_for_port(amqp, "rabbitmq", Duration::from_secs(60));
-        wait_for_port(api, "rabbitmq management", Duration::from_secs(60));
+        let mut rabbit = Rabbit { proc, amqp, api, epmd };
+        rabbit.proc.wait_for_port(amqp, "rabbitmq", Duration::from_secs(60));
+        rabbit.proc.wait_for_port(api, "rabbitmq management", Duration::from_secs(60));
         rabbit
     }
 
@@ -401,8 +401,8 @@ fn real_daprd_retries_with_the_shipped_resiliency_policy() {
         .env("WASM_PC_LOG", "info,wasm_pc=debug,guest=debug")
         .env("WASM_PC_LOG_FORMAT", "json")
         .stdin(Stdio::null());
-    let _host = Proc::spawn(&mut cmd, &host_log);
-    wait_for_port(app_port, "the consumer host", Duration::from_secs(60));
+    let mut host = Proc::spawn(&mut cmd, &host_log);
+    host.wait_for_port(app_port, "the consumer host", Duration::from_secs(60));
     let daprd_log = root.join("daprd-consumer.log");
     let _sidecar = start_daprd(&daprd, &app_id, app_port, http_port, &resources, &daprd_log);
     wait_for_status(http_port, "/v1.0/healthz", 204, "daprd (bindings started)");
@@ -629,7 +629,7 @@ fn throughput_drain_behind_the_real_sidecar() {
                 drain_null_app(&daprd, root, MESSAGES)
             } else {
                 let mut app = App::start(&daprd, "consumer", root, args);
-                let pids = [app.daprd.as_ref().unwrap().0.id(), app.host.as_ref().unwrap().child.id()];
+                let pids = [app.daprd.as_ref().unwrap().id(), app.host.as_ref().unwrap().child.id()];
                 let before = pids.map(super::cpu_seconds);
                 let rate = drain_rate(MESSAGES, || delivered(&app.metrics()));
                 let after = pids.map(super::cpu_seconds);
@@ -719,7 +719,7 @@ fn drain_null_app(daprd: &Path, root: &Path, count: usize) -> (f64, [f64; 2]) {
     };
     let sidecar =
         start_daprd(daprd, "consumer", app_port, free_port(), &root.join("consumer"), &root.join("daprd-null-app.log"));
-    let pids = [sidecar.0.id(), std::process::id()];
+    let pids = [sidecar.id(), std::process::id()];
     let before = pids.map(super::cpu_seconds);
     let rate = drain_rate(count, || answered.load(Ordering::Relaxed));
     let after = pids.map(super::cpu_seconds);

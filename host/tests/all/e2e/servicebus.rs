@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use wasm_pc::queue::{Database, NewMessage, StoreOptions, StoredMessage, SubQueue};
 
-use super::{App, Proc, free_port, order, post, post_sample_orders, wait_for_port};
+use super::{App, Proc, order, post, post_sample_orders};
+use crate::process::free_port;
 
 /// The app ids the Components are scoped to.
 const CONSUMER: &str = "wasm-pc-consumer";
@@ -46,8 +47,8 @@ impl Endpoint {
         let db = dir.join("servicebus.db");
         let mut command = crate::process::command(&["servicebus", "--port", &port.to_string(), "--config"]);
         command.arg(dir.join("config.json")).arg("--db").arg(&db).env("WASM_PC_LOG", "info,wasm_pc=debug");
-        let proc = Proc::spawn(&mut command, &dir.join("servicebus.log"));
-        wait_for_port(port, "the Service Bus endpoint", Duration::from_secs(30));
+        let mut proc = Proc::spawn(&mut command, &dir.join("servicebus.log"));
+        proc.wait_for_port(port, "the Service Bus endpoint", Duration::from_secs(30));
         let connection_string = format!(
             "Endpoint=sb://localhost:{port};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
         );
@@ -288,10 +289,10 @@ fn throughput_on_the_local_service_bus() {
     let producer = App::start_as(&daprd, PRODUCER, "producer", root, &["--producer-config", "binding=orders-out"]);
     let consumer_args = ["--input-binding", "orders", "--consumer-config", "forward-binding=done"];
     let _consumer = App::start_as(&daprd, CONSUMER, "consumer", root, &consumer_args);
-    let cpu_before = super::cpu_seconds(endpoint.proc.0.id());
+    let cpu_before = super::cpu_seconds(endpoint.proc.id());
     let elapsed =
         super::drive(&producer, ORDERS, Duration::from_secs(300), || endpoint.messages("done", SubQueue::Active).len());
-    let cpu = super::cpu_seconds(endpoint.proc.0.id()) - cpu_before;
+    let cpu = super::cpu_seconds(endpoint.proc.id()) - cpu_before;
     println!(
         "throughput Service Bus: {ORDERS} orders, producer request to consumer settled, in {:.2} s = {:.0} orders/s; \
          the endpoint used {:.2} CPU s ({:.0} % of one core)",
