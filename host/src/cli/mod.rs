@@ -27,6 +27,12 @@ pub struct Cli {
     /// Log format: `text` or `json`.
     #[arg(long, env = "WASM_PC_LOG_FORMAT", default_value = "text", global = true)]
     log_format: String,
+    /// Threads that run the host's tasks and guests. The default is one per
+    /// core this process may use. Where a sidecar drives the host one
+    /// delivery at a time on a small pod, 1 saves waking a second thread for
+    /// every delivery (see docs/BENCHMARKS.md).
+    #[arg(long, env = "WASM_PC_WORKER_THREADS", global = true)]
+    worker_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,10 +60,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     raise_open_files_limit();
+    let threads = cli.worker_threads;
     let result = match cli.command {
-        Command::Dev(args) => run_async(dev::run(*args)),
-        Command::Serve(args) => run_async(serve::run(*args)),
-        Command::ServiceBus(args) => run_async(servicebus::run(*args)),
+        Command::Dev(args) => run_async(threads, dev::run(*args)),
+        Command::Serve(args) => run_async(threads, serve::run(*args)),
+        Command::ServiceBus(args) => run_async(threads, servicebus::run(*args)),
         Command::Queue(cmd) => queue::run(cmd),
         Command::Check(args) => tools::check(args),
         Command::Compile(args) => tools::compile(args),
@@ -71,8 +78,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run_async(future: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+fn run_async(
+    worker_threads: Option<std::num::NonZeroUsize>,
+    future: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads.get());
+    }
+    builder.enable_all().build()?.block_on(future)
 }
 
 fn init_tracing(format: &str) {
@@ -256,5 +270,26 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_sizes_the_runtime_and_refuses_zero() {
+        let cli = Cli::try_parse_from(["wasm-pc", "serve", "--role", "consumer", "--worker-threads", "3"]).unwrap();
+        let mut workers = 0;
+        run_async(cli.worker_threads, async {
+            workers = tokio::runtime::Handle::current().metrics().num_workers();
+            Ok(ExitCode::SUCCESS)
+        })
+        .unwrap();
+        assert_eq!(workers, 3);
+
+        let error =
+            Cli::try_parse_from(["wasm-pc", "--worker-threads", "0", "serve", "--role", "consumer"]).unwrap_err();
+        assert!(error.to_string().contains("--worker-threads"), "{error}");
     }
 }

@@ -592,9 +592,11 @@ fn queue_exists(rabbit: &Rabbit, queue: &str) -> bool {
 
 /// The drain rate of a prefilled queue behind a real daprd, one consumer
 /// at a time, interleaved: (a) a null native app that only answers 200, (b)
-/// the host with the sample consumer and a fresh instance per message, with
-/// nothing made ahead and (c) as by default, (d) the host with instance
-/// reuse. 1 KiB orders; `cargo xtask bench-e2e`.
+/// the same app busy for 60 us per delivery (what a slower app costs daprd),
+/// (c) the host with the sample consumer and a fresh instance per message,
+/// with nothing made ahead and (d) as by default, (e) as by default on one
+/// worker thread, (f) the host with instance reuse. 1 KiB orders;
+/// `cargo xtask bench-e2e`.
 #[test]
 #[ignore = "a benchmark; run with cargo xtask bench-e2e"]
 fn throughput_drain_behind_the_real_sidecar() {
@@ -609,15 +611,21 @@ fn throughput_drain_behind_the_real_sidecar() {
     let producer = App::start(&daprd, "producer", root, &[]);
     let customer = "c".repeat(900);
 
-    let variants: [(&str, &[&str]); 4] = [
-        ("null native app (200)", &[]),
-        ("wasm-pc, fresh, none ahead", &["--prepared-instances", "0"]),
-        ("wasm-pc, fresh instances", &[]),
-        ("wasm-pc, reuse 100", &["--instance-reuse", "100"]),
+    enum Consumer {
+        Native { busy: Duration },
+        Host(&'static [&'static str]),
+    }
+    let variants = [
+        ("null native app (200)", Consumer::Native { busy: Duration::ZERO }),
+        ("native app, busy 60us", Consumer::Native { busy: Duration::from_micros(60) }),
+        ("wasm-pc, fresh, none ahead", Consumer::Host(&["--prepared-instances", "0"])),
+        ("wasm-pc, fresh instances", Consumer::Host(&[])),
+        ("wasm-pc, fresh, 1 thread", Consumer::Host(&["--worker-threads", "1"])),
+        ("wasm-pc, reuse 100", Consumer::Host(&["--instance-reuse", "100"])),
     ];
-    let mut best = [0f64; 4];
+    let mut best = [0f64; 6];
     for round in 0..ROUNDS {
-        for (v, (name, args)) in variants.iter().enumerate() {
+        for (v, (name, consumer)) in variants.iter().enumerate() {
             let ids = (0..MESSAGES).map(|i| format!("d{round}-{v}-{i}"));
             for batch in ids.collect::<Vec<_>>().chunks(100) {
                 let orders: Vec<_> = batch.iter().map(|id| order_for(id, &customer)).collect();
@@ -625,16 +633,17 @@ fn throughput_drain_behind_the_real_sidecar() {
                 assert_eq!(status, 202, "{body}");
             }
             rabbit.wait_for_depth("drain", MESSAGES, Duration::from_secs(60));
-            let (rate, cpu) = if v == 0 {
-                drain_null_app(&daprd, root, MESSAGES)
-            } else {
-                let mut app = App::start(&daprd, "consumer", root, args);
-                let pids = [app.daprd.as_ref().unwrap().id(), app.host.as_ref().unwrap().child.id()];
-                let before = pids.map(super::cpu_seconds);
-                let rate = drain_rate(MESSAGES, || delivered(&app.metrics()));
-                let after = pids.map(super::cpu_seconds);
-                app.terminate_together();
-                (rate, [after[0] - before[0], after[1] - before[1]])
+            let (rate, cpu) = match consumer {
+                Consumer::Native { busy } => drain_native_app(&daprd, root, MESSAGES, *busy),
+                Consumer::Host(args) => {
+                    let mut app = App::start(&daprd, "consumer", root, args);
+                    let pids = [app.daprd.as_ref().unwrap().id(), app.host.as_ref().unwrap().child.id()];
+                    let before = pids.map(super::cpu_seconds);
+                    let rate = drain_rate(MESSAGES, || delivered(&app.metrics()));
+                    let after = pids.map(super::cpu_seconds);
+                    app.terminate_together();
+                    (rate, [after[0] - before[0], after[1] - before[1]])
+                }
             };
             let per = |seconds: f64| seconds * 1e6 / MESSAGES as f64;
             println!(
@@ -687,11 +696,12 @@ fn drain_rate(count: usize, mut done: impl FnMut() -> usize) -> f64 {
     }
 }
 
-/// Drains the queue into an app that answers every delivery 200 at once: on
-/// the host's own HTTP server, so only the work differs.
+/// Drains the queue into an app that answers every delivery 200 after
+/// `busy` (spinning, as work would): on the host's own HTTP server, so only
+/// the work differs.
 /// Returns the rate and the CPU seconds daprd and the app (this process:
 /// the app's server and the polling) used meanwhile.
-fn drain_null_app(daprd: &Path, root: &Path, count: usize) -> (f64, [f64; 2]) {
+fn drain_native_app(daprd: &Path, root: &Path, count: usize, busy: Duration) -> (f64, [f64; 2]) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -707,6 +717,10 @@ fn drain_null_app(daprd: &Path, root: &Path, count: usize) -> (f64, [f64; 2]) {
                 let answered = Arc::clone(&answered);
                 async move {
                     if request.method() == hyper::Method::POST {
+                        let started = Instant::now();
+                        while started.elapsed() < busy {
+                            std::hint::spin_loop();
+                        }
                         answered.fetch_add(1, Ordering::Relaxed);
                     }
                     hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
