@@ -45,16 +45,40 @@ impl Proc {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             let exited = self.child.try_wait().unwrap();
             if exited.is_some() || Instant::now() > deadline {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 let why = exited.map_or_else(|| format!("within {within:?}"), |status| format!("it exited: {status}"));
-                panic!(
-                    "{what} did not open port {port} ({why}); the end of {}:\n{}",
-                    self.log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
+                panic!("{what} did not open port {port} ({why}); {}", self.log_tail());
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of its log, for a failure message: CI keeps only the
+    /// test's output.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut tail: Vec<&str> = log.lines().rev().take(60).collect();
+        tail.reverse();
+        format!("the end of {}:\n{}", self.log.display(), tail.join("\n"))
+    }
+
+    /// Waits for daprd to exit after a SIGTERM; fails the test, with the end
+    /// of its log, unless it exits 0 within `within`, or fails only as
+    /// [`daprd_shutdown_race`] says daprd 1.18 sometimes does.
+    pub fn daprd_exits(mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.child.try_wait().unwrap() {
+                Some(status) if status.success() => return,
+                Some(status) if daprd_shutdown_race(&std::fs::read_to_string(&self.log).unwrap_or_default()) => {
+                    eprintln!(
+                        "daprd exited with {status}: its input-binding shutdown race (daprd's bug, not the app's)"
+                    );
+                    return;
+                }
+                Some(status) => panic!("daprd exited with {status}; {}", self.log_tail()),
+                None if Instant::now() > deadline => panic!("daprd still runs after {within:?}; {}", self.log_tail()),
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
         }
     }
 
@@ -66,19 +90,28 @@ impl Proc {
     pub fn reap(&mut self) {
         let _ = self.child.wait();
     }
+}
 
-    pub fn wait(mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+/// daprd 1.18 can abort on SIGTERM when a delivery arrives as it stops: its
+/// input binding's `read` callback calls `WaitGroup.Add` while `Input.Stop`
+/// is inside `WaitGroup.Wait` (`pkg/runtime/processor/binding/input/input.go`),
+/// and Go panics, exit 2. Nothing the app does can prevent it, and nothing
+/// is lost: the broker redelivers what was not acknowledged, which the tests
+/// that stop daprd mid-stream check. Only that panic, in that place, passes.
+fn daprd_shutdown_race(log: &str) -> bool {
+    log.contains("panic: sync: WaitGroup is reused before previous Wait has returned")
+        && log.contains("processor/binding/input.(*Input).Stop")
+}
+
+#[test]
+fn only_daprds_known_shutdown_panic_is_let_pass() {
+    let race = "level=info msg=\"Closing HTTP server\"\npanic: sync: WaitGroup is reused before previous Wait has returned\n\n\
+                goroutine 844 [running]:\nsync.(*WaitGroup).Wait(0x2d33d443168)\n\
+                github.com/dapr/dapr/pkg/runtime/processor/binding/input.(*Input).Stop(0x2d33d443130)\n";
+    assert!(daprd_shutdown_race(race));
+    assert!(!daprd_shutdown_race(&race.replace("binding/input.(*Input).Stop", "pubsub.(*pubsub).Close")));
+    assert!(!daprd_shutdown_race("panic: runtime error: invalid memory address or nil pointer dereference"));
+    assert!(!daprd_shutdown_race("level=fatal msg=\"Fatal error from runtime\""));
 }
 
 impl Drop for Proc {
@@ -129,12 +162,13 @@ impl App {
     }
 
     /// SIGTERM to the host and daprd at the same moment, as the kubelet
-    /// sends it; both must exit 0.
+    /// sends it; both must exit 0 (daprd but for its shutdown race, see
+    /// [`Proc::daprd_exits`]).
     pub fn terminate_together(&mut self) {
         let (host, sidecar) = (self.host.take().unwrap(), self.daprd.take().unwrap());
         Command::new("kill").args(["-TERM", &host.child.id().to_string()]).status().unwrap();
         sidecar.signal("-TERM");
-        assert_eq!(sidecar.wait(Duration::from_secs(30)), Some(0), "daprd exits cleanly");
+        sidecar.daprd_exits(Duration::from_secs(30));
         assert_eq!(host.terminate().code(), Some(0), "the host exits cleanly");
     }
 

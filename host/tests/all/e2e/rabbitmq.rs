@@ -738,7 +738,7 @@ fn drain_native_app(daprd: &Path, root: &Path, count: usize, busy: Duration) -> 
     let rate = drain_rate(count, || answered.load(Ordering::Relaxed));
     let after = pids.map(super::cpu_seconds);
     sidecar.signal("-TERM");
-    assert_eq!(sidecar.wait(Duration::from_secs(30)), Some(0), "daprd exits cleanly");
+    sidecar.daprd_exits(Duration::from_secs(30));
     let _ = stop.send(true);
     runtime.shutdown_timeout(Duration::from_secs(5));
     (rate, [after[0] - before[0], after[1] - before[1]])
