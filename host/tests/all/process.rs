@@ -28,7 +28,7 @@ pub fn free_port() -> u16 {
         .unwrap_or(32_768);
     let (low, span) = (10_000, ephemeral_low.saturating_sub(10_000).max(1_000));
     // Test processes that run one after another start at different places.
-    let start = std::process::id() * 7_919 % span;
+    let start = std::process::id() % span * 7_919 % span;
     for _ in 0..span {
         let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {

@@ -55,7 +55,10 @@ impl Proc {
     /// The last lines of its log, for a failure message: CI keeps only the
     /// test's output.
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        self.tail_of(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    fn tail_of(&self, log: &str) -> String {
         let mut tail: Vec<&str> = log.lines().rev().take(60).collect();
         tail.reverse();
         format!("the end of {}:\n{}", self.log.display(), tail.join("\n"))
@@ -69,13 +72,14 @@ impl Proc {
         loop {
             match self.child.try_wait().unwrap() {
                 Some(status) if status.success() => return,
-                Some(status) if daprd_shutdown_race(&std::fs::read_to_string(&self.log).unwrap_or_default()) => {
+                Some(status) => {
+                    let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                    assert!(daprd_shutdown_race(&log), "daprd exited with {status}; {}", self.tail_of(&log));
                     eprintln!(
                         "daprd exited with {status}: its input-binding shutdown race (daprd's bug, not the app's)"
                     );
                     return;
                 }
-                Some(status) => panic!("daprd exited with {status}; {}", self.log_tail()),
                 None if Instant::now() > deadline => panic!("daprd still runs after {within:?}; {}", self.log_tail()),
                 None => std::thread::sleep(Duration::from_millis(50)),
             }
