@@ -3,8 +3,9 @@
 //! `POST` a JSON array of orders (or `{"orders": [...]}`). Every order is
 //! validated first; one bad order fails the whole batch with a 400 that names
 //! it, and nothing is sent. A good batch sends one message per order to the
-//! binding named by config `binding` (default `orders`) and answers 202 with
-//! the ids. A body with content type `application/octet-stream` is sent as one
+//! binding named by config `binding` (default `orders`), in one
+//! `outbound.send-batch`, and answers 202 with the ids; if any send fails it
+//! names the first failed order and lists the ids that were sent. A body with content type `application/octet-stream` is sent as one
 //! message, unchanged.
 
 use exports::wasm_pc::app::produce::{Guest, Request, Response};
@@ -32,12 +33,20 @@ impl Guest for Producer {
                 return json(400, &serde_json::json!({"error": invalid.reason, "index": invalid.index}));
             }
         };
+        let messages: Vec<OutboundMessage> = orders.iter().map(to_message).collect();
+        let results = outbound::send_batch(&binding, &messages);
         let mut sent = Vec::with_capacity(orders.len());
-        for order in &orders {
-            match outbound::send(&binding, &to_message(order)) {
+        let mut failed = None;
+        for (order, result) in orders.iter().zip(results) {
+            match result {
                 Ok(id) => sent.push(id),
-                Err(error) => return send_failed(&binding, &order.id, &error, &sent),
+                Err(error) => {
+                    failed.get_or_insert((order, error));
+                }
             }
+        }
+        if let Some((order, error)) = failed {
+            return send_failed(&binding, &order.id, &error, &sent);
         }
         log(
             Level::Info,
@@ -75,8 +84,8 @@ fn send_raw(binding: &str, body: Vec<u8>) -> Response {
     }
 }
 
-/// A send failed part-way: say which order, and which were already sent, so the
-/// caller can resend the rest (sends are idempotent by message id downstream).
+/// A send failed: say which order, and which were sent, so the caller can
+/// resend the rest (sends are idempotent by message id downstream).
 fn send_failed(binding: &str, order: &str, error: &SendError, sent: &[String]) -> Response {
     let (status, reason) = match error {
         SendError::UnknownBinding(m) => (500, format!("unknown binding {binding}: {m}")),

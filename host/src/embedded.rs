@@ -13,7 +13,7 @@ use crate::http::{self, Body};
 use crate::metrics::Metrics;
 use crate::queue::{NewMessage, QueueError, QueueHandle, Received, Settle, Settled};
 use crate::runtime::Message;
-use crate::runtime::outbound::{Outbound, OutboundMessage, SendError, SendFuture};
+use crate::runtime::outbound::{BatchFuture, Outbound, OutboundMessage, SendError, SendFuture};
 use crate::scale::{Autoscaler, ScaleRule};
 
 /// Sends guest messages into queues of the embedded database; a binding name
@@ -54,20 +54,58 @@ fn to_new_message(message: OutboundMessage) -> Result<NewMessage, SendError> {
     })
 }
 
+impl EmbeddedOutbound {
+    fn known(&self, binding: &str) -> Result<(), SendError> {
+        if self.bindings.contains(binding) {
+            return Ok(());
+        }
+        let known = self.bindings.iter().cloned().collect::<Vec<_>>().join(", ");
+        Err(SendError::UnknownBinding(format!("no binding {binding:?}; configured: {known}")))
+    }
+
+    /// Stores `records` in one queue command: all of them durably, or none.
+    async fn store(&self, binding: &str, records: Vec<NewMessage>) -> Result<Vec<String>, SendError> {
+        let count = records.len();
+        // Every queue failure (full, busy, closed) may clear up: never `rejected`.
+        let sent = self.queue.send(binding, records).await.map_err(|e| SendError::Unavailable(e.to_string()))?;
+        if sent.len() != count {
+            return Err(SendError::Unavailable(format!("the queue stored {} of {count} messages", sent.len())));
+        }
+        self.metrics.sent.fetch_add(count as u64, Ordering::Relaxed);
+        Ok(sent.into_iter().map(|sent| sent.id).collect())
+    }
+}
+
 impl Outbound for EmbeddedOutbound {
     fn send<'a>(&'a self, binding: &'a str, message: OutboundMessage) -> SendFuture<'a> {
         Box::pin(async move {
-            if !self.bindings.contains(binding) {
-                let known = self.bindings.iter().cloned().collect::<Vec<_>>().join(", ");
-                return Err(SendError::UnknownBinding(format!("no binding {binding:?}; configured: {known}")));
+            self.known(binding)?;
+            let mut ids = self.store(binding, vec![to_new_message(message)?]).await?;
+            ids.pop().ok_or_else(|| SendError::Unavailable("the queue returned no id".into()))
+        })
+    }
+
+    /// One durable step for the whole batch, as Service Bus sends a batch:
+    /// every message is stored, or none is. A message the binding refuses
+    /// gets its own error and holds back the rest, which may be sent again.
+    fn send_batch<'a>(&'a self, binding: &'a str, messages: Vec<OutboundMessage>) -> BatchFuture<'a> {
+        Box::pin(async move {
+            let count = messages.len();
+            let all = |error: SendError| (0..count).map(|_| Err(error.clone())).collect();
+            if let Err(error) = self.known(binding) {
+                return all(error);
             }
-            let record = to_new_message(message)?;
-            // Every queue failure (full, busy, closed) may clear up: never `rejected`.
-            let ids =
-                self.queue.send(binding, vec![record]).await.map_err(|e| SendError::Unavailable(e.to_string()))?;
-            self.metrics.sent.fetch_add(1, Ordering::Relaxed);
-            let sent = ids.into_iter().next().map(|sent| sent.id);
-            sent.ok_or_else(|| SendError::Unavailable("the queue returned no id".into()))
+            let records: Vec<Result<NewMessage, SendError>> = messages.into_iter().map(to_new_message).collect();
+            if let Some(refused) = records.iter().position(Result::is_err) {
+                let held_back = SendError::Unavailable(format!(
+                    "not sent: message {refused} of the batch was refused, and a batch is stored whole or not at all"
+                ));
+                return records.into_iter().map(|r| r.and(Err(held_back.clone()))).collect();
+            }
+            match self.store(binding, records.into_iter().flatten().collect()).await {
+                Ok(ids) => ids.into_iter().map(Ok).collect(),
+                Err(error) => all(error),
+            }
         })
     }
 }

@@ -7,7 +7,11 @@ mod consumer_world {
     wasmtime::component::bindgen!({
         world: "consumer",
         path: "../wit",
-        imports: { "wasm-pc:app/outbound.send": async, default: trappable },
+        imports: {
+            "wasm-pc:app/outbound.send": async,
+            "wasm-pc:app/outbound.send-batch": async,
+            default: trappable,
+        },
         exports: { default: async },
         additional_derives: [PartialEq, Eq],
     });
@@ -34,6 +38,6 @@ pub use producer_world::{Producer, ProducerPre};
 /// The fully qualified name of the interface each world exports. Guests
 /// built against an older 0.1.x WIT export an older version of it; lookups
 /// go by semver compatibility, as wasmtime's do.
-pub const CONSUME_EXPORT: &str = "wasm-pc:app/consume@0.1.1";
+pub const CONSUME_EXPORT: &str = "wasm-pc:app/consume@0.1.2";
 /// See [`CONSUME_EXPORT`].
-pub const PRODUCE_EXPORT: &str = "wasm-pc:app/produce@0.1.1";
+pub const PRODUCE_EXPORT: &str = "wasm-pc:app/produce@0.1.2";

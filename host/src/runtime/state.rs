@@ -129,6 +129,32 @@ impl outbound::Host for HostState {
         }
         result
     }
+
+    async fn send_batch(
+        &mut self,
+        binding: String,
+        mut messages: Vec<types::OutboundMessage>,
+    ) -> Vec<Result<String, types::SendError>> {
+        for message in &mut messages {
+            if message.id.as_deref().is_none_or(str::is_empty) {
+                message.id = Some(uuid::Uuid::new_v4().to_string());
+            }
+        }
+        let count = messages.len();
+        let outbound = Arc::clone(&self.outbound);
+        let started = Instant::now();
+        self.in_host_call = Some((format!("outbound.send-batch of {count} to {binding}"), started));
+        let mut results = outbound.send_batch(&binding, messages).await;
+        self.in_host_call = None;
+        self.host_time += started.elapsed();
+        // The guest is promised one result per message, whatever the binding did.
+        results.resize_with(count, || Err(types::SendError::Unavailable("the binding gave no result".into())));
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            tracing::debug!(module = %self.guest.label, %binding, count, failed, "guest batch send failed in part");
+        }
+        results
+    }
 }
 
 impl log::Host for HostState {

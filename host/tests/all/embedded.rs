@@ -112,3 +112,54 @@ async fn a_delivery_slower_than_the_lock_keeps_it() {
     let _ = stop.send(true);
     running.await.unwrap();
 }
+
+fn outbound_message(id: &str, metadata: &[(&str, &str)]) -> wasm_pc::runtime::outbound::OutboundMessage {
+    wasm_pc::runtime::outbound::OutboundMessage {
+        id: Some(id.to_string()),
+        body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        content_type: Some("application/json".into()),
+        metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+/// A batch is stored as Service Bus stores one: all of it in one step, with
+/// consecutive sequence numbers, or none of it. A message the binding
+/// refuses gets its own error; the rest come back unsent and may be sent
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_whole_or_not_at_all() {
+    use wasm_pc::queue::SubQueue;
+    use wasm_pc::runtime::outbound::{Outbound, SendError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let queue = QueueHandle::open(&dir.path().join("q.db"), StoreOptions::default()).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let outbound = EmbeddedOutbound::new(queue.clone(), ["orders".to_string()], metrics.clone());
+
+    let good: Vec<_> = ["a", "b", "c"].iter().map(|id| outbound_message(id, &[])).collect();
+    let results = outbound.send_batch("orders", good).await;
+    assert_eq!(results, vec![Ok("a".to_string()), Ok("b".to_string()), Ok("c".to_string())]);
+    let stored = queue.peek("orders", SubQueue::Active, 0, 10).await.unwrap();
+    let stored: Vec<_> = stored.iter().map(|m| (m.id.as_str(), m.sequence)).collect();
+    assert_eq!(stored, vec![("a", 1), ("b", 2), ("c", 3)]);
+
+    let mixed = vec![
+        outbound_message("d", &[]),
+        outbound_message("e", &[("ttlInSeconds", "soon")]),
+        outbound_message("f", &[]),
+    ];
+    let results = outbound.send_batch("orders", mixed).await;
+    assert!(matches!(&results[1], Err(SendError::Rejected(m)) if m.contains("ttlInSeconds")), "{results:?}");
+    for held_back in [&results[0], &results[2]] {
+        assert!(
+            matches!(held_back, Err(SendError::Unavailable(m)) if m.contains("message 1 of the batch was refused")),
+            "{results:?}"
+        );
+    }
+    assert_eq!(queue.depth("orders").await.unwrap().active, 3, "nothing of the refused batch is stored");
+
+    let results = outbound.send_batch("elsewhere", vec![outbound_message("g", &[]), outbound_message("h", &[])]).await;
+    assert_eq!(results.len(), 2);
+    assert!(results.iter().all(|r| matches!(r, Err(SendError::UnknownBinding(_)))), "{results:?}");
+    assert_eq!(metrics.sent.load(std::sync::atomic::Ordering::Relaxed), 3);
+}

@@ -840,7 +840,7 @@ fn sidecar_config(manifests: &Manifests, pod: &Pod) -> Config {
         api_token: token("dapr.io/api-token-secret"),
         app_token: token("dapr.io/app-token-secret"),
         port: pod.env["DAPR_HTTP_PORT"].parse().unwrap(),
-        pubsub: None,
+        ..Config::default()
     }
 }
 

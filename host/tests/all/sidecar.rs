@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,11 @@ pub struct Config {
     /// for `pubsub.azure.servicebus.queues`), published to through the API
     /// and delivered to the app's subscriptions.
     pub pubsub: Option<PubSubConfig>,
+    /// Message ids the output bindings fail to send, as a broker that
+    /// refuses them would (500 `ERR_INVOKE_OUTPUT_BINDING`, every attempt).
+    pub refuse: Vec<String>,
+    /// How long each output binding call takes before it answers.
+    pub output_delay: Duration,
 }
 
 #[derive(Clone)]
@@ -183,6 +188,7 @@ impl Input {
 pub struct Sidecar {
     pub address: SocketAddr,
     events: Arc<Mutex<Vec<Event>>>,
+    outputs: Arc<Concurrency>,
     stop_deliveries: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -195,11 +201,13 @@ impl Sidecar {
         let subscribed = Arc::new(AtomicBool::new(config.input.is_none()));
         let stop_deliveries = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
+        let outputs = Arc::new(Concurrency::default());
         let api = Api {
             config: config.clone(),
             broker: broker.clone(),
             events: events.clone(),
             subscribed: subscribed.clone(),
+            outputs: outputs.clone(),
         };
         tasks.push(tokio::spawn(serve_api(listener, Arc::new(api))));
         if let Some(input) = config.input.clone() {
@@ -210,7 +218,12 @@ impl Sidecar {
             let (broker, events, stop) = (broker.clone(), events.clone(), stop_deliveries.clone());
             tasks.push(tokio::spawn(run_subscriptions(pubsub, config.app_token.clone(), broker, events, stop)));
         }
-        Sidecar { address, events, stop_deliveries, tasks }
+        Sidecar { address, events, outputs, stop_deliveries, tasks }
+    }
+
+    /// The most output binding calls that were open at once.
+    pub fn peak_concurrent_outputs(&self) -> usize {
+        self.outputs.peak.load(Ordering::SeqCst)
     }
 
     pub fn port(&self) -> u16 {
@@ -257,6 +270,30 @@ struct Api {
     broker: Arc<Broker>,
     events: Arc<Mutex<Vec<Event>>>,
     subscribed: Arc<AtomicBool>,
+    outputs: Arc<Concurrency>,
+}
+
+/// Calls open now, and the most ever open at once.
+#[derive(Default)]
+struct Concurrency {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Concurrency {
+    fn enter(&self) -> impl Drop + '_ {
+        let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        Leave(self)
+    }
+}
+
+struct Leave<'a>(&'a Concurrency);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn serve_api(listener: TcpListener, api: Arc<Api>) {
@@ -331,7 +368,9 @@ impl Api {
         {
             return reply(StatusCode::UNAUTHORIZED, "text/plain", "invalid api token\n");
         }
+        let _open = self.outputs.enter();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        tokio::time::sleep(self.config.output_delay).await;
         let malformed = |detail: &str| {
             dapr_error(
                 StatusCode::BAD_REQUEST,
@@ -392,6 +431,13 @@ impl Api {
                     message.properties.insert(k, v);
                 }
             }
+        }
+        if self.config.refuse.contains(&message.id) {
+            return dapr_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_INVOKE_OUTPUT_BINDING",
+                &format!("error invoking output binding {name}: the broker refused message {}", message.id),
+            );
         }
         self.broker.push(name, message);
         reply(StatusCode::NO_CONTENT, "", "")
