@@ -2,7 +2,9 @@
 //! SQLite queue (group commit) → worker pool → consumer component → complete.
 //!
 //! `cargo bench -p wasm-pc --bench embedded [-- N]`; `BENCH_PREPARED=0` runs
-//! it with nothing prepared ahead (`--prepared-instances 0`).
+//! it with nothing prepared ahead (`--prepared-instances 0`),
+//! `BENCH_WORKERS` sets the pool's workers (64) and `BENCH_PRODUCERS` the
+//! concurrent produce requests (8).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -47,8 +49,11 @@ async fn run(count: usize, concurrent: bool) {
         metrics.clone(),
     ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let options =
-        PoolOptions { scale: ScaleRule { min: 64, max: 64, target: 16, activation: 0 }, ..PoolOptions::default() };
+    let workers = env_or("BENCH_WORKERS", 64);
+    let options = PoolOptions {
+        scale: ScaleRule { min: workers, max: workers, target: 16, activation: 0 },
+        ..PoolOptions::default()
+    };
     let start_pool =
         || tokio::spawn(Arc::new(Pool::new(queue.clone(), options.clone())).run(dispatcher.clone(), stopped.clone()));
     let mut pool = concurrent.then(start_pool);
@@ -66,7 +71,7 @@ async fn run(count: usize, concurrent: bool) {
         })
         .collect();
     let mut producers = tokio::task::JoinSet::new();
-    let per_task = batches.len().div_ceil(8);
+    let per_task = batches.len().div_ceil(env_or("BENCH_PRODUCERS", 8) as usize);
     for share in batches.chunks(per_task.max(1)).map(<[Vec<u8>]>::to_vec) {
         let dispatcher = dispatcher.clone();
         producers.spawn(async move {
@@ -110,4 +115,8 @@ async fn run(count: usize, concurrent: bool) {
             consumed_in.as_secs_f64()
         );
     }
+}
+
+fn env_or(name: &str, default: u32) -> u32 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
 }

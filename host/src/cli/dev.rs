@@ -61,7 +61,8 @@ pub struct DevArgs {
     #[arg(long, env = "WASM_PC_RETRY_BACKOFF_MS", default_value_t = 100)]
     retry_backoff_ms: u64,
     /// Cap on the queue database's size, in MiB: past it, sends fail with a
-    /// clear error rather than filling the disk.
+    /// clear error rather than filling the disk (receives and settles may
+    /// use a sixteenth more, so a full queue can still be drained).
     #[arg(long, env = "WASM_PC_MAX_DB_MIB")]
     max_db_mib: Option<u64>,
     /// fsync every commit (survives power loss, not only a crash).

@@ -60,6 +60,27 @@ INSERT OR REPLACE INTO queue_sequences (queue, last)
 UPDATE wasm_pc_meta SET value = 2 WHERE key = 'schema_version';
 ";
 
+/// Depth without reading every message: each queue's counts of live,
+/// deferred and dead-lettered messages, kept by every operation that changes
+/// them (in its transaction, so a rollback takes the change back too) and
+/// counted afresh at every open. The time-dependent counts (locked,
+/// scheduled) come from the few messages not visible now, through an index
+/// that covers what they need. Nothing here changes the schema's version:
+/// a host that does not know the table leaves it, and the next open
+/// recounts.
+const COUNTS: &str = "
+CREATE TABLE IF NOT EXISTS queue_counts (
+    queue    TEXT PRIMARY KEY,
+    live     INTEGER NOT NULL DEFAULT 0,
+    deferred INTEGER NOT NULL DEFAULT 0,
+    dead     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_by_visibility ON messages (queue, dead, visible_at, deferred, lock_token);
+DELETE FROM queue_counts;
+INSERT INTO queue_counts (queue, live, deferred, dead)
+    SELECT queue, sum(dead = 0), sum(dead = 0 AND deferred = 1), sum(dead = 1) FROM messages GROUP BY queue;
+";
+
 /// Service Bus's dead-letter reasons.
 const TTL_EXPIRED: &str = "TTLExpiredException";
 const MAX_DELIVERIES: &str = "MaxDeliveryCountExceeded";
@@ -73,6 +94,17 @@ pub struct Database {
     conn: Connection,
     path: String,
     options: StoreOptions,
+    cap: Option<Cap>,
+}
+
+/// The database's size limit in pages ([`StoreOptions::max_bytes`]). Sends
+/// stop at it; every other operation may go a sixteenth past it, because
+/// locking and settling move index entries, which may take a page: a full
+/// queue must still be drained.
+#[derive(Debug, Clone, Copy)]
+struct Cap {
+    sends: i64,
+    others: i64,
 }
 
 /// Numbers tried one by one past a damaged page before salvage gives up
@@ -96,7 +128,7 @@ impl Database {
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(&shown, e))?;
-        let mut db = Database { conn, path: shown, options };
+        let mut db = Database { conn, path: shown, options, cap: None };
         db.init()?;
         Ok(db)
     }
@@ -113,8 +145,10 @@ impl Database {
         self.conn.pragma_update(None, "synchronous", sync).map_err(err)?;
         if let Some(max) = self.options.max_bytes {
             let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(err)?;
-            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(512);
-            self.conn.pragma_update(None, "max_page_count", pages.max(16)).map_err(err)?;
+            let pages = (i64::try_from(max).unwrap_or(i64::MAX) / page.max(512)).max(16);
+            let cap = Cap { sends: pages, others: pages.saturating_add((pages / 16).max(16)) };
+            self.conn.pragma_update(None, "max_page_count", cap.others).map_err(err)?;
+            self.cap = Some(cap);
         }
         // Look first, in a read transaction: a database another host is busy
         // writing to can still be opened (WAL readers never wait).
@@ -128,7 +162,7 @@ impl Database {
             let has_other: bool = tx
                 .query_row(
                     "SELECT count(*) FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'
-                     AND name NOT IN ('wasm_pc_meta','messages','queue_sequences')",
+                     AND name NOT IN ('wasm_pc_meta','messages','queue_sequences','queue_counts')",
                     [],
                     |r| r.get(0),
                 )
@@ -156,7 +190,7 @@ impl Database {
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(QueueError::NewerSchema { path, found: v, supported: SCHEMA_VERSION });
             }
-            Some(SCHEMA_VERSION) => return Ok(()),
+            Some(SCHEMA_VERSION) => {}
             Some(1) => tx.execute_batch(MIGRATE_1_TO_2).map_err(err)?,
             Some(v) => return Err(QueueError::Corrupt { path, detail: format!("unknown schema version {v}") }),
             None if has_meta => {
@@ -171,6 +205,7 @@ impl Database {
                 .map_err(err)?;
             }
         }
+        tx.execute_batch(COUNTS).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(())
     }
@@ -286,7 +321,7 @@ impl Database {
     ) -> Result<R, QueueError> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(behavior).map_err(|e| classify(&path, e))?;
-        let mut ops = Ops { tx, path: &path, options: &self.options, now: now_ms() };
+        let mut ops = Ops { tx, path: &path, options: &self.options, cap: self.cap, now: now_ms() };
         let result = f(&mut ops)?;
         ops.tx.commit().map_err(|e| classify(&path, e))?;
         Ok(result)
@@ -360,11 +395,20 @@ impl Database {
     }
 }
 
+/// A locked message, as a settle finds it.
+struct Held {
+    deliveries: i64,
+    dead: bool,
+    deferred: bool,
+    queue: String,
+}
+
 /// Queue operations inside one transaction.
 pub struct Ops<'a> {
     tx: Transaction<'a>,
     path: &'a str,
     options: &'a StoreOptions,
+    cap: Option<Cap>,
     /// One clock reading per transaction, so its operations agree.
     now: i64,
 }
@@ -407,6 +451,40 @@ impl Ops<'_> {
 
     /// Enqueues messages; returns their ids and sequence numbers.
     pub fn send(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<Sent>, QueueError> {
+        let Some(cap) = self.cap else {
+            return self.store(queue, messages);
+        };
+        self.limit_pages(cap.sends)?;
+        let stored = self.store(queue, messages);
+        // Not transactional: set back whatever became of the send.
+        self.limit_pages(cap.others)?;
+        stored
+    }
+
+    fn limit_pages(&mut self, pages: i64) -> Result<(), QueueError> {
+        // A pragma takes no parameters; each cap has its own cached text.
+        self.tx
+            .prepare_cached(&format!("PRAGMA max_page_count = {pages}"))
+            .and_then(|mut s| s.query_row([], |_| Ok(())))
+            .map_err(self.err())
+    }
+
+    /// Moves `queue`'s kept counts by these amounts (see [`COUNTS`]).
+    fn count(&mut self, queue: &str, live: i64, deferred: i64, dead: i64) -> Result<(), QueueError> {
+        if (live, deferred, dead) == (0, 0, 0) {
+            return Ok(());
+        }
+        self.tx
+            .prepare_cached(
+                "INSERT INTO queue_counts (queue, live, deferred, dead) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(queue) DO UPDATE SET live = live + ?2, deferred = deferred + ?3, dead = dead + ?4",
+            )
+            .and_then(|mut s| s.execute(params![queue, live, deferred, dead]))
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    fn store(&mut self, queue: &str, messages: Vec<NewMessage>) -> Result<Vec<Sent>, QueueError> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -450,6 +528,8 @@ impl Ops<'_> {
                 .map_err(|e| classify(self.path, e))?;
             sent.push(Sent { id, sequence });
         }
+        drop(insert);
+        self.count(queue, count, 0, 0)?;
         Ok(sent)
     }
 
@@ -477,14 +557,16 @@ impl Ops<'_> {
             let mut swept = false;
             for (seq, message) in candidates {
                 let live = sub == SubQueue::Active;
+                // Candidates are never deferred: only a receive by sequence number takes those.
                 if live && message.expires_at_ms.is_some_and(|t| t <= self.now) {
-                    self.expire(seq, options)?;
+                    self.expire(seq, queue, options)?;
                     swept = true;
                 } else if live && message.delivery_count >= options.max_delivery_count {
-                    self.dead_letter(seq, MAX_DELIVERIES, "the lock expired after the last allowed delivery")?;
+                    let why = "the lock expired after the last allowed delivery";
+                    self.dead_letter(seq, queue, false, MAX_DELIVERIES, why)?;
                     swept = true;
                 } else {
-                    got.push(self.lock(seq, message, options, mode)?);
+                    got.push(self.lock(seq, queue, message, options, mode)?);
                 }
             }
             if !swept {
@@ -498,6 +580,7 @@ impl Ops<'_> {
     fn lock(
         &mut self,
         seq: i64,
+        queue: &str,
         mut message: StoredMessage,
         options: QueueOptions,
         mode: ReceiveMode,
@@ -516,6 +599,13 @@ impl Ops<'_> {
             }
         }
         .map_err(self.err())?;
+        if mode == ReceiveMode::ReceiveAndDelete {
+            match message.state {
+                MessageState::DeadLettered => self.count(queue, 0, 0, -1)?,
+                MessageState::Deferred => self.count(queue, -1, -1, 0)?,
+                _ => self.count(queue, -1, 0, 0)?,
+            }
+        }
         message.delivery_count = message.delivery_count.saturating_add(1);
         if message.state != MessageState::DeadLettered {
             message.state = MessageState::Locked;
@@ -529,7 +619,9 @@ impl Ops<'_> {
         let mut stmt = self
             .tx
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM messages
+                // In queue order, skipping the few locked at its head: the
+                // visibility index would sort every visible message first.
+                "SELECT {COLUMNS} FROM messages INDEXED BY messages_by_queue
                  WHERE queue = ?1 AND dead = ?2 AND deferred = 0 AND visible_at <= ?3 ORDER BY seq LIMIT ?4"
             ))
             .map_err(|e| classify(self.path, e))?;
@@ -539,17 +631,19 @@ impl Ops<'_> {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| classify(self.path, e))
     }
 
-    /// The message a lock holds, if the lock is still held:
-    /// `(id, deliveries, dead, queue)`.
-    fn held(&mut self, lock: Lock) -> Result<(String, i64, bool, String), QueueError> {
+    /// The message a lock holds, if the lock is still held.
+    fn held(&mut self, lock: Lock) -> Result<Held, QueueError> {
         let held = self
             .tx
             .prepare_cached(
-                "SELECT id, delivery_count, dead, queue FROM messages WHERE seq = ?1 AND lock_token = ?2 AND visible_at > ?3",
+                "SELECT delivery_count, dead, deferred, queue FROM messages
+                 WHERE seq = ?1 AND lock_token = ?2 AND visible_at > ?3",
             )
             .and_then(|mut s| {
-                s.query_row(params![lock.seq, lock.token, self.now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .optional()
+                s.query_row(params![lock.seq, lock.token, self.now], |r| {
+                    Ok(Held { deliveries: r.get(0)?, dead: r.get(1)?, deferred: r.get(2)?, queue: r.get(3)? })
+                })
+                .optional()
             })
             .map_err(self.err())?;
         match held {
@@ -570,7 +664,7 @@ impl Ops<'_> {
 
     /// Settles a message whose lock is still held.
     pub fn settle(&mut self, lock: Lock, how: &Settle) -> Result<Settled, QueueError> {
-        let (_id, deliveries, dead, queue) = self.held(lock)?;
+        let Held { deliveries, dead, deferred, queue } = self.held(lock)?;
         let unlock = |ops: &mut Self, visible: i64, extra: &str| {
             ops.tx
                 .prepare_cached(&format!(
@@ -585,20 +679,25 @@ impl Ops<'_> {
                     .prepare_cached("DELETE FROM messages WHERE seq = ?1")
                     .and_then(|mut s| s.execute([lock.seq]))
                     .map_err(self.err())?;
+                if dead {
+                    self.count(&queue, 0, 0, -1)?;
+                } else {
+                    self.count(&queue, -1, -i64::from(deferred), 0)?;
+                }
                 Ok(Settled::Completed)
             }
             Settle::Abandon { delay, reason } => {
                 let max = i64::from(self.queue_options(&queue).max_delivery_count);
                 if !dead && deliveries >= max {
                     let why = format!("abandoned after {deliveries} deliveries; last failure: {reason}");
-                    self.dead_letter(lock.seq, MAX_DELIVERIES, &why)?;
+                    self.dead_letter(lock.seq, &queue, deferred, MAX_DELIVERIES, &why)?;
                     return Ok(Settled::DeadLettered);
                 }
                 unlock(self, self.now.saturating_add(millis(*delay)), "")?;
                 Ok(Settled::Abandoned)
             }
             Settle::DeadLetter { reason, description } if !dead => {
-                self.dead_letter(lock.seq, reason, description)?;
+                self.dead_letter(lock.seq, &queue, deferred, reason, description)?;
                 Ok(Settled::DeadLettered)
             }
             // Already a dead letter: it stays one, visible to the next reader.
@@ -612,6 +711,9 @@ impl Ops<'_> {
             }
             Settle::Defer => {
                 unlock(self, self.now, ", deferred = 1")?;
+                if !dead && !deferred {
+                    self.count(&queue, 0, 1, 0)?;
+                }
                 Ok(Settled::Deferred)
             }
         }
@@ -619,7 +721,7 @@ impl Ops<'_> {
 
     /// Extends a held lock by its queue's lock duration.
     pub fn renew(&mut self, lock: Lock) -> Result<i64, QueueError> {
-        let (_, _, _, queue) = self.held(lock)?;
+        let Held { queue, .. } = self.held(lock)?;
         let until = self.now.saturating_add(millis(self.queue_options(&queue).lock_duration));
         self.tx
             .prepare_cached("UPDATE messages SET visible_at = ?1 WHERE seq = ?2")
@@ -628,7 +730,15 @@ impl Ops<'_> {
         Ok(until)
     }
 
-    fn dead_letter(&mut self, seq: i64, reason: &str, description: &str) -> Result<(), QueueError> {
+    /// Moves a live message (of `queue`, deferred or not) to the dead letters.
+    fn dead_letter(
+        &mut self,
+        seq: i64,
+        queue: &str,
+        deferred: bool,
+        reason: &str,
+        description: &str,
+    ) -> Result<(), QueueError> {
         self.tx
             .prepare_cached(
                 "UPDATE messages SET dead = 1, deferred = 0, lock_token = NULL, visible_at = ?3,
@@ -636,47 +746,53 @@ impl Ops<'_> {
             )
             .and_then(|mut s| s.execute(params![reason, description, self.now, seq]))
             .map_err(self.err())?;
-        Ok(())
+        self.count(queue, -1, -i64::from(deferred), 1)
     }
 
     /// A message whose time to live ran out: dead-lettered or dropped, as the
     /// queue says.
-    fn expire(&mut self, seq: i64, options: QueueOptions) -> Result<(), QueueError> {
+    fn expire(&mut self, seq: i64, queue: &str, options: QueueOptions) -> Result<(), QueueError> {
         if options.dead_letter_on_expiry {
-            return self.dead_letter(seq, TTL_EXPIRED, "the message's time-to-live expired before it was consumed");
+            let why = "the message's time-to-live expired before it was consumed";
+            return self.dead_letter(seq, queue, false, TTL_EXPIRED, why);
         }
         self.tx
             .prepare_cached("DELETE FROM messages WHERE seq = ?1")
             .and_then(|mut s| s.execute([seq]))
             .map_err(self.err())?;
-        Ok(())
+        self.count(queue, -1, 0, 0)
     }
 
+    /// The queue's counts, in time proportional to the messages not visible
+    /// now (locked or scheduled), not to the queue's length: the pool asks
+    /// every poll, on the thread every commit waits for.
     pub fn depth(&mut self, queue: &str) -> Result<Depth, QueueError> {
-        let now = self.now;
-        self.tx
+        let (live, deferred, dead): (i64, i64, i64) = self
+            .tx
+            .prepare_cached("SELECT live, deferred, dead FROM queue_counts WHERE queue = ?1")
+            .and_then(|mut s| s.query_row([queue], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
+            .map_err(self.err())?
+            .unwrap_or_default();
+        // A locked message is invisible until its lock ends; a scheduled one
+        // until its time. A locked deferred message counts as locked.
+        let (locked, locked_deferred, scheduled): (i64, i64, i64) = self
+            .tx
             .prepare_cached(
-                "SELECT
-                   coalesce(sum(dead = 0 AND deferred = 0 AND visible_at <= ?2), 0),
-                   coalesce(sum(dead = 0 AND visible_at > ?2 AND lock_token IS NOT NULL), 0),
-                   coalesce(sum(dead = 0 AND deferred = 0 AND visible_at > ?2 AND lock_token IS NULL), 0),
-                   coalesce(sum(dead = 0 AND deferred = 1 AND NOT (visible_at > ?2 AND lock_token IS NOT NULL)), 0),
-                   coalesce(sum(dead = 1), 0)
-                 FROM messages WHERE queue = ?1",
+                "SELECT coalesce(sum(lock_token IS NOT NULL), 0),
+                        coalesce(sum(lock_token IS NOT NULL AND deferred = 1), 0),
+                        coalesce(sum(lock_token IS NULL AND deferred = 0), 0)
+                 FROM messages WHERE queue = ?1 AND dead = 0 AND visible_at > ?2",
             )
-            .and_then(|mut s| {
-                s.query_row(params![queue, now], |r| {
-                    let count = |i: usize| r.get::<_, i64>(i).map(|n| n.max(0) as u64);
-                    Ok(Depth {
-                        active: count(0)?,
-                        locked: count(1)?,
-                        scheduled: count(2)?,
-                        deferred: count(3)?,
-                        dead_lettered: count(4)?,
-                    })
-                })
-            })
-            .map_err(self.err())
+            .and_then(|mut s| s.query_row(params![queue, self.now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+            .map_err(self.err())?;
+        let count = |n: i64| n.max(0) as u64;
+        Ok(Depth {
+            active: count(live - deferred - (locked - locked_deferred) - scheduled),
+            locked: count(locked),
+            scheduled: count(scheduled),
+            deferred: count(deferred - locked_deferred),
+            dead_lettered: count(dead),
+        })
     }
 
     fn queue_names(&mut self) -> Result<Vec<String>, QueueError> {
@@ -707,28 +823,39 @@ impl Ops<'_> {
     }
 
     pub fn requeue(&mut self, queue: &str, ids: &[String]) -> Result<usize, QueueError> {
-        const SQL: &str = "UPDATE messages SET dead = 0, delivery_count = 0, lock_token = NULL, visible_at = ?2,
-                             expires_at = NULL, dl_reason = NULL, dl_description = NULL, dl_at = NULL
+        // Back as a fresh message: not deferred either.
+        const SQL: &str = "UPDATE messages SET dead = 0, deferred = 0, delivery_count = 0, lock_token = NULL,
+                             visible_at = ?2, expires_at = NULL, dl_reason = NULL, dl_description = NULL, dl_at = NULL
                            WHERE queue = ?1 AND dead = 1";
         let now = self.now;
-        if ids.is_empty() {
-            return self.tx.execute(SQL, params![queue, now]).map_err(self.err());
-        }
-        let mut stmt = self.tx.prepare(&format!("{SQL} AND id = ?3")).map_err(self.err())?;
-        let mut moved = 0;
-        for id in ids {
-            moved += stmt.execute(params![queue, now, id]).map_err(|e| classify(self.path, e))?;
-        }
+        let moved = if ids.is_empty() {
+            self.tx.execute(SQL, params![queue, now]).map_err(self.err())?
+        } else {
+            let mut stmt = self.tx.prepare(&format!("{SQL} AND id = ?3")).map_err(self.err())?;
+            let mut moved = 0;
+            for id in ids {
+                moved += stmt.execute(params![queue, now, id]).map_err(|e| classify(self.path, e))?;
+            }
+            moved
+        };
+        let n = i64::try_from(moved).unwrap_or(i64::MAX);
+        self.count(queue, n, 0, -n)?;
         Ok(moved)
     }
 
     pub fn purge(&mut self, queue: &str, target: PurgeTarget) -> Result<usize, QueueError> {
-        let sql = match target {
-            PurgeTarget::Active => "DELETE FROM messages WHERE queue = ?1 AND dead = 0",
-            PurgeTarget::DeadLetters => "DELETE FROM messages WHERE queue = ?1 AND dead = 1",
-            PurgeTarget::All => "DELETE FROM messages WHERE queue = ?1",
+        let (sql, counts) = match target {
+            PurgeTarget::Active => {
+                ("DELETE FROM messages WHERE queue = ?1 AND dead = 0", "UPDATE queue_counts SET live = 0, deferred = 0")
+            }
+            PurgeTarget::DeadLetters => {
+                ("DELETE FROM messages WHERE queue = ?1 AND dead = 1", "UPDATE queue_counts SET dead = 0")
+            }
+            PurgeTarget::All => ("DELETE FROM messages WHERE queue = ?1", "DELETE FROM queue_counts"),
         };
-        self.tx.execute(sql, [queue]).map_err(self.err())
+        let removed = self.tx.execute(sql, [queue]).map_err(self.err())?;
+        self.tx.execute(&format!("{counts} WHERE queue = ?1"), [queue]).map_err(self.err())?;
+        Ok(removed)
     }
 
     /// Writes back a message read with `queue, COLUMNS` (salvage): unlocked,
@@ -747,13 +874,14 @@ impl Ops<'_> {
         Ok(())
     }
 
-    /// Sets each queue's last sequence number from what it holds.
+    /// Sets each queue's last sequence number and counts from what it holds.
     fn renumber(&mut self) -> Result<(), QueueError> {
         self.tx
             .execute_batch(
                 "INSERT OR REPLACE INTO queue_sequences (queue, last) SELECT queue, max(sequence) FROM messages GROUP BY queue",
             )
-            .map_err(self.err())
+            .map_err(self.err())?;
+        self.tx.execute_batch(COUNTS).map_err(self.err())
     }
 
     /// Deletes scheduled messages by sequence number while they still wait
@@ -770,6 +898,8 @@ impl Ops<'_> {
         for sequence in sequences {
             removed += stmt.execute(params![queue, sequence, self.now]).map_err(|e| classify(self.path, e))?;
         }
+        drop(stmt);
+        self.count(queue, -i64::try_from(removed).unwrap_or(i64::MAX), 0, 0)?;
         Ok(removed)
     }
 
@@ -797,7 +927,7 @@ impl Ops<'_> {
                 })
                 .map_err(self.err())?;
             if let Some((seq, message)) = found {
-                got.push(self.lock(seq, message, options, ReceiveMode::PeekLock)?);
+                got.push(self.lock(seq, queue, message, options, ReceiveMode::PeekLock)?);
             }
         }
         Ok(got)

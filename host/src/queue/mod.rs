@@ -60,9 +60,11 @@ pub struct StoreOptions {
     pub defaults: QueueOptions,
     /// Queues declared with their own properties.
     pub queues: BTreeMap<String, QueueOptions>,
-    /// Largest the database file may grow, in bytes; `None` is up to the
-    /// disk. Past it, sends fail with [`QueueError::DiskFull`] and nothing is
-    /// lost: a producer gets a clear error instead of a full disk.
+    /// Largest the database file may grow through sends, in bytes; `None`
+    /// is up to the disk. Past it, sends fail with [`QueueError::DiskFull`]
+    /// and nothing is lost: a producer gets a clear error instead of a full
+    /// disk. Receives and settles may use a sixteenth more (they move index
+    /// entries), so consumers can always drain a full queue.
     pub max_bytes: Option<u64>,
     /// fsync every commit (survives power loss, not only a crash).
     pub full_sync: bool,

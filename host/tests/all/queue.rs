@@ -410,6 +410,7 @@ fn a_version_1_database_is_migrated_without_losing_anything() {
     let version: i64 =
         conn.query_row("SELECT value FROM wasm_pc_meta WHERE key='schema_version'", [], |r| r.get(0)).unwrap();
     assert_eq!(version, 2);
+    assert_eq!(Database::open(&path, StoreOptions::default()).unwrap().depth("a").unwrap(), counted(&path, "a"));
 }
 
 /// Many callers share one transaction; a command that fails (here: the disk
@@ -575,4 +576,98 @@ fn a_damaged_database_is_refused_at_open_and_salvaged() {
     assert_eq!(total, copied as u64);
     let next = db.send("a", vec![msg("new")]).unwrap()[0].sequence;
     assert!(next > 1, "sequence numbers go on from the salvaged ones");
+}
+
+/// Depth by reading every message of the queue, as it once was computed:
+/// what the kept counts must always agree with.
+fn counted(path: &std::path::Path, queue: &str) -> Depth {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row(
+        "SELECT
+           coalesce(sum(dead = 0 AND deferred = 0 AND visible_at <= ?2), 0),
+           coalesce(sum(dead = 0 AND visible_at > ?2 AND lock_token IS NOT NULL), 0),
+           coalesce(sum(dead = 0 AND deferred = 0 AND visible_at > ?2 AND lock_token IS NULL), 0),
+           coalesce(sum(dead = 0 AND deferred = 1 AND NOT (visible_at > ?2 AND lock_token IS NOT NULL)), 0),
+           coalesce(sum(dead = 1), 0)
+         FROM messages WHERE queue = ?1",
+        rusqlite::params![queue, now_ms()],
+        |r| {
+            let count = |i: usize| r.get::<_, i64>(i).map(|n| n as u64);
+            Ok(Depth {
+                active: count(0)?,
+                locked: count(1)?,
+                scheduled: count(2)?,
+                deferred: count(3)?,
+                dead_lettered: count(4)?,
+            })
+        },
+    )
+    .unwrap()
+}
+
+/// Depth comes from counts the database keeps, not from reading every
+/// message; through every way a message changes state, and across a
+/// reopen (which counts afresh), it agrees with counting them all.
+#[test]
+fn depth_from_kept_counts_agrees_with_counting_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let mut db = Database::open(&path, store(options(150, 2))).unwrap();
+    let check = |db: &mut Database, step: &str| {
+        for queue in ["q", "other"] {
+            assert_eq!(db.depth(queue).unwrap(), counted(&path, queue), "{queue} after {step}");
+        }
+    };
+    check(&mut db, "nothing");
+    db.send("q", (0..12).map(|i| msg(&format!("m{i}"))).collect()).unwrap();
+    db.send("other", vec![msg("o1")]).unwrap();
+    let later = NewMessage { scheduled_at_ms: Some(now_ms() + 60_000), ..msg("later") };
+    db.send("q", vec![later]).unwrap();
+    check(&mut db, "sends and a schedule");
+    let got = db.receive("q", 8).unwrap();
+    check(&mut db, "locks");
+    db.settle(got[0].lock, Settle::Complete).unwrap();
+    db.settle(got[1].lock, Settle::Abandon { delay: Duration::from_secs(60), reason: "later".into() }).unwrap();
+    db.settle(got[2].lock, Settle::DeadLetter { reason: "bad".into(), description: "test".into() }).unwrap();
+    db.settle(got[3].lock, Settle::Release).unwrap();
+    db.settle(got[4].lock, Settle::Defer).unwrap();
+    db.settle(got[5].lock, Settle::Defer).unwrap();
+    check(&mut db, "every kind of settle");
+    let deferred = db.receive_deferred("q", SubQueue::Active, &[got[5].message.sequence]).unwrap();
+    assert_eq!(deferred.len(), 1);
+    check(&mut db, "a deferred message locked");
+    std::thread::sleep(Duration::from_millis(200));
+    check(&mut db, "locks expired");
+    // Out of deliveries (max 2): the next receive dead-letters what comes back a third time.
+    for _ in 0..3 {
+        for r in db.receive("q", 20).unwrap() {
+            db.settle(r.lock, abandon()).unwrap();
+        }
+    }
+    check(&mut db, "deliveries run out");
+    db.requeue("q", &[]).unwrap();
+    check(&mut db, "requeue");
+    let taken = db.receive_deferred("q", SubQueue::Active, &[got[4].message.sequence]).unwrap();
+    db.settle(taken[0].lock, Settle::Complete).unwrap();
+    check(&mut db, "a deferred message completed");
+    let before = db.depth("q").unwrap();
+    drop(db);
+    let mut db = Database::open(&path, store(options(150, 2))).unwrap();
+    assert_eq!(db.depth("q").unwrap(), before, "counted afresh at open");
+    check(&mut db, "a reopen");
+    assert_eq!(db.cancel_scheduled("q", &[13]).unwrap(), 1, "the scheduled message");
+    check(&mut db, "a cancelled schedule");
+    db.send("other", vec![NewMessage { ttl: Some(Duration::from_millis(1)), ..msg("brief") }]).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(db.receive("other", 10).unwrap().len(), 1, "o1; the expired one is dead-lettered on the way");
+    check(&mut db, "a message's time to live ran out");
+    assert_eq!(db.depth("other").unwrap().dead_lettered, 1, "the expired message");
+    let taken = db.write(|ops| ops.receive("other", SubQueue::DeadLetter, 5, ReceiveMode::ReceiveAndDelete)).unwrap();
+    assert_eq!(taken.len(), 1);
+    let taken = db.write(|ops| ops.receive("q", SubQueue::Active, 1, ReceiveMode::ReceiveAndDelete)).unwrap();
+    assert_eq!(taken.len(), 1);
+    check(&mut db, "receive-and-delete from the queue and its dead letters");
+    db.purge("q", PurgeTarget::All).unwrap();
+    check(&mut db, "purge");
+    assert_eq!(db.depth("q").unwrap(), Depth::default());
 }
