@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::codec;
 use crate::metrics::Metrics;
-use crate::runtime::outbound::{BatchFuture, Outbound, OutboundMessage, SendError, SendFuture};
+use crate::runtime::outbound::{Outbound, OutboundMessage, SendError, SendFuture};
 
 tokio::task_local! {
     /// The W3C trace context of the request or delivery being handled, so a
@@ -282,10 +282,6 @@ impl DaprOutbound {
     }
 }
 
-/// Requests to daprd one batch may have open at once: enough to hide the
-/// round trip, few enough to leave the sidecar's other callers room.
-const CONCURRENT_SENDS: usize = 16;
-
 impl Outbound for DaprOutbound {
     fn send<'a>(&'a self, binding: &'a str, message: OutboundMessage) -> SendFuture<'a> {
         Box::pin(async move {
@@ -312,18 +308,6 @@ impl Outbound for DaprOutbound {
             self.metrics.sent.fetch_add(1, Ordering::Relaxed);
             Ok(id)
         })
-    }
-
-    /// The sidecar has no batch call for bindings: the batch goes as that
-    /// many requests, a bounded number at a time, each with its own result.
-    fn send_batch<'a>(&'a self, binding: &'a str, messages: Vec<OutboundMessage>) -> BatchFuture<'a> {
-        use futures_util::StreamExt;
-        Box::pin(
-            futures_util::stream::iter(messages)
-                .map(move |message| self.send(binding, message))
-                .buffered(CONCURRENT_SENDS)
-                .collect(),
-        )
     }
 
     fn not_ready(&self) -> Option<String> {
