@@ -323,6 +323,13 @@ fn real_daprd_pubsub_on_the_local_service_bus() {
     let root = dir.path();
     let endpoint = Endpoint::start(&root.join("endpoint"));
     components(root, &endpoint, &[(CONSUMER, output_component("done", "done"))]);
+    // As `k8s/overlays/pubsub` does: the binding Components give way to the
+    // pub/sub one. Left in, the consumer's daprd would also read `orders`
+    // through the input binding, whose deliveries (404 in pub/sub mode) are
+    // abandoned and raise the delivery count the guest sees.
+    for (app, name) in [(CONSUMER, "orders"), (PRODUCER, "orders-out")] {
+        std::fs::remove_file(root.join(app).join(format!("{name}.yaml"))).unwrap();
+    }
     for app in [CONSUMER, PRODUCER] {
         pubsub_component(&root.join(app));
     }
