@@ -5,8 +5,9 @@
 //! it, and nothing is sent. A good batch sends one message per order to the
 //! binding named by config `binding` (default `orders`), in one
 //! `outbound.send-batch`, and answers 202 with the ids; if any send fails it
-//! names the first failed order and lists the ids that were sent. A body with content type `application/octet-stream` is sent as one
-//! message, unchanged.
+//! names the first failed order and lists the ids that were sent. A body
+//! with content type `application/octet-stream` is sent as one message,
+//! unchanged.
 
 use exports::wasm_pc::app::produce::{Guest, Request, Response};
 use guest_orders::{Order, parse_batch};

@@ -588,22 +588,17 @@ impl Ops<'_> {
         let token = new_token();
         let locked_until = self.now.saturating_add(millis(options.lock_duration));
         match mode {
-            ReceiveMode::PeekLock => self
-                .tx
-                .prepare_cached(
-                    "UPDATE messages SET lock_token = ?1, visible_at = ?2, delivery_count = delivery_count + 1 WHERE seq = ?3",
-                )
-                .and_then(|mut s| s.execute(params![token, locked_until, seq])),
-            ReceiveMode::ReceiveAndDelete => {
-                self.tx.prepare_cached("DELETE FROM messages WHERE seq = ?1").and_then(|mut s| s.execute([seq]))
+            ReceiveMode::PeekLock => {
+                self.tx
+                    .prepare_cached(
+                        "UPDATE messages SET lock_token = ?1, visible_at = ?2, delivery_count = delivery_count + 1 WHERE seq = ?3",
+                    )
+                    .and_then(|mut s| s.execute(params![token, locked_until, seq]))
+                    .map_err(self.err())?;
             }
-        }
-        .map_err(self.err())?;
-        if mode == ReceiveMode::ReceiveAndDelete {
-            match message.state {
-                MessageState::DeadLettered => self.count(queue, 0, 0, -1)?,
-                MessageState::Deferred => self.count(queue, -1, -1, 0)?,
-                _ => self.count(queue, -1, 0, 0)?,
+            ReceiveMode::ReceiveAndDelete => {
+                let dead = message.state == MessageState::DeadLettered;
+                self.delete(seq, queue, dead, message.state == MessageState::Deferred)?;
             }
         }
         message.delivery_count = message.delivery_count.saturating_add(1);
@@ -675,15 +670,7 @@ impl Ops<'_> {
         };
         match how {
             Settle::Complete => {
-                self.tx
-                    .prepare_cached("DELETE FROM messages WHERE seq = ?1")
-                    .and_then(|mut s| s.execute([lock.seq]))
-                    .map_err(self.err())?;
-                if dead {
-                    self.count(&queue, 0, 0, -1)?;
-                } else {
-                    self.count(&queue, -1, -i64::from(deferred), 0)?;
-                }
+                self.delete(lock.seq, &queue, dead, deferred)?;
                 Ok(Settled::Completed)
             }
             Settle::Abandon { delay, reason } => {
@@ -756,11 +743,17 @@ impl Ops<'_> {
             let why = "the message's time-to-live expired before it was consumed";
             return self.dead_letter(seq, queue, false, TTL_EXPIRED, why);
         }
+        self.delete(seq, queue, false, false)
+    }
+
+    /// Removes one message of `queue` and the counts it held: a dead letter
+    /// counts only as dead; a live one as live, and as deferred if it is.
+    fn delete(&mut self, seq: i64, queue: &str, dead: bool, deferred: bool) -> Result<(), QueueError> {
         self.tx
             .prepare_cached("DELETE FROM messages WHERE seq = ?1")
             .and_then(|mut s| s.execute([seq]))
             .map_err(self.err())?;
-        self.count(queue, -1, 0, 0)
+        if dead { self.count(queue, 0, 0, -1) } else { self.count(queue, -1, -i64::from(deferred), 0) }
     }
 
     /// The queue's counts, in time proportional to the messages not visible

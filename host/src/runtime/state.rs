@@ -115,15 +115,10 @@ impl types::Host for HostState {}
 
 impl outbound::Host for HostState {
     async fn send(&mut self, binding: String, mut message: types::OutboundMessage) -> Result<String, types::SendError> {
-        if message.id.as_deref().is_none_or(str::is_empty) {
-            message.id = Some(uuid::Uuid::new_v4().to_string());
-        }
+        give_id(&mut message);
         let outbound = Arc::clone(&self.outbound);
-        let started = Instant::now();
-        self.in_host_call = Some((format!("outbound.send to {binding}"), started));
-        let result = outbound.send(&binding, message).await;
-        self.in_host_call = None;
-        self.host_time += started.elapsed();
+        let sending = outbound.send(&binding, message);
+        let result = self.timed(format!("outbound.send to {binding}"), sending).await;
         if let Err(error) = &result {
             tracing::debug!(module = %self.guest.label, %binding, ?error, "guest send failed");
         }
@@ -135,18 +130,11 @@ impl outbound::Host for HostState {
         binding: String,
         mut messages: Vec<types::OutboundMessage>,
     ) -> Vec<Result<String, types::SendError>> {
-        for message in &mut messages {
-            if message.id.as_deref().is_none_or(str::is_empty) {
-                message.id = Some(uuid::Uuid::new_v4().to_string());
-            }
-        }
+        messages.iter_mut().for_each(give_id);
         let count = messages.len();
         let outbound = Arc::clone(&self.outbound);
-        let started = Instant::now();
-        self.in_host_call = Some((format!("outbound.send-batch of {count} to {binding}"), started));
-        let mut results = outbound.send_batch(&binding, messages).await;
-        self.in_host_call = None;
-        self.host_time += started.elapsed();
+        let sending = outbound.send_batch(&binding, messages);
+        let mut results = self.timed(format!("outbound.send-batch of {count} to {binding}"), sending).await;
         // The guest is promised one result per message, whatever the binding did.
         results.resize_with(count, || Err(types::SendError::Unavailable("the binding gave no result".into())));
         let failed = results.iter().filter(|r| r.is_err()).count();
@@ -154,6 +142,27 @@ impl outbound::Host for HostState {
             tracing::debug!(module = %self.guest.label, %binding, count, failed, "guest batch send failed in part");
         }
         results
+    }
+}
+
+/// A message the guest sent without an id gets one: the id is what a send
+/// answers with.
+fn give_id(message: &mut types::OutboundMessage) {
+    if message.id.as_deref().is_none_or(str::is_empty) {
+        message.id = Some(uuid::Uuid::new_v4().to_string());
+    }
+}
+
+impl HostState {
+    /// Awaits a host call the guest is blocked on, naming it for the
+    /// watchdog while it runs and adding its time to the host's share.
+    async fn timed<T>(&mut self, call: String, work: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        self.in_host_call = Some((call, started));
+        let result = work.await;
+        self.in_host_call = None;
+        self.host_time += started.elapsed();
+        result
     }
 }
 

@@ -73,6 +73,41 @@ enum Event {
     Reply { channel: u16, node: Node, reply_to: Option<String>, message: Vec<u8> },
 }
 
+/// What the connection's work reports back to it. However the connection
+/// ends, dropping its inbox gives back the messages fetched for the client
+/// but never sent to it: they are visible again at once, their delivery not
+/// counted, instead of waiting out a lock nobody holds.
+struct Inbox {
+    events: mpsc::UnboundedReceiver<Event>,
+    queue: crate::queue::QueueHandle,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        // Closed first, so that a fetch finishing later gives back its own.
+        self.events.close();
+        let mut unsent = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            if let Event::Fetched { result: Ok(received), .. } = event {
+                unsent.extend(received);
+            }
+        }
+        if unsent.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let queue = self.queue.clone();
+                runtime.spawn(async move { give_back(&queue, unsent).await });
+            }
+            Err(_) => tracing::debug!(
+                messages = unsent.len(),
+                "no runtime to give back fetched messages; their locks will expire"
+            ),
+        }
+    }
+}
+
 /// Why a connection ends early.
 #[derive(Debug, thiserror::Error)]
 enum Fatal {
@@ -92,6 +127,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: watch::
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
     let (events, rx) = mpsc::unbounded_channel();
+    let inbox = Inbox { events: rx, queue: shared.queue.clone() };
     let mut connection = Connection {
         shared,
         reader,
@@ -106,7 +142,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: watch::
         closing: false,
     };
     let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.handshake()).await {
-        Ok(Ok(())) => connection.run(rx, &mut shutdown).await,
+        Ok(Ok(())) => connection.run(inbox, &mut shutdown).await,
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Fatal::Timeout),
     };
@@ -281,11 +317,7 @@ impl Connection {
         }
     }
 
-    async fn run(
-        &mut self,
-        mut events: mpsc::UnboundedReceiver<Event>,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), Fatal> {
+    async fn run(&mut self, mut inbox: Inbox, shutdown: &mut watch::Receiver<bool>) -> Result<(), Fatal> {
         let mut heard = Instant::now();
         let mut wrote = Instant::now();
         let tick = self.heartbeat.unwrap_or(Duration::from_secs(15)).min(Duration::from_secs(15));
@@ -303,7 +335,7 @@ impl Connection {
                     heard = Instant::now();
                     self.on_input()?;
                 }
-                Some(event) = events.recv() => self.on_event(event),
+                Some(event) = inbox.events.recv() => self.on_event(event),
                 _ = ticker.tick() => {
                     if heard.elapsed() > IDLE_TIMEOUT * 2 {
                         self.close_with(AmqpError::ResourceLimitExceeded.into(), "idle past the idle time-out".into());
@@ -318,13 +350,6 @@ impl Connection {
             if !self.out.is_empty() {
                 self.flush().await?;
                 wrote = Instant::now();
-            }
-        }
-        // Release what was fetched for links that are now gone.
-        events.close();
-        while let Ok(event) = events.try_recv() {
-            if let Event::Fetched { result: Ok(received), .. } = event {
-                self.release(received);
             }
         }
         Ok(())
@@ -1378,6 +1403,29 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(again.message.delivery_count, 1, "the fetch's delivery did not count");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_that_ends_gives_back_what_it_fetched_but_never_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = QueueHandle::open(&dir.path().join("q.db"), StoreOptions::default()).unwrap();
+        queue.send("q", vec![crate::queue::NewMessage::default()]).await.unwrap();
+        let fetched = queue.receive_from("q", SubQueue::Active, 1, ReceiveMode::PeekLock).await.unwrap();
+        assert_eq!(fetched.len(), 1);
+        let (events, rx) = mpsc::unbounded_channel();
+        events.send(Event::Fetched { channel: 0, link: 1, result: Ok(fetched) }).unwrap();
+        // However the run loop ends (here: before it read its inbox), the inbox goes with it.
+        drop(Inbox { events: rx, queue: queue.clone() });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let again = loop {
+            let got = queue.receive_from("q", SubQueue::Active, 1, ReceiveMode::PeekLock).await.unwrap();
+            if let Some(one) = got.into_iter().next() {
+                break one;
+            }
+            assert!(Instant::now() < deadline, "the fetched message stayed locked after its connection ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(again.message.delivery_count, 1, "a delivery the client never saw was counted");
     }
 
     #[tokio::test]
