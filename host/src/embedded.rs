@@ -303,10 +303,10 @@ impl Pool {
                         lock,
                         attempt,
                         patience: pool.lock_duration(),
+                        worker: Some(permit),
                     };
                     dispatcher.deliver("embedded", to_message(received), settle).await;
                     renewing.abort();
-                    drop(permit);
                 });
             }
         }
@@ -346,6 +346,10 @@ struct Settler<'a> {
     lock: crate::queue::Lock,
     attempt: u32,
     patience: Duration,
+    /// The worker the guest ran on, free again once the guest is done: the
+    /// settle's commit is the queue's work, and the next message need not
+    /// wait for it.
+    worker: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Settler<'_> {
@@ -368,7 +372,8 @@ impl Settler<'_> {
 impl Acknowledge for Settler<'_> {
     type Output = ();
 
-    async fn acknowledge(self, message: Message, delivery: Delivery) -> ((), Settlement) {
+    async fn acknowledge(mut self, message: Message, delivery: Delivery) -> ((), Settlement) {
+        drop(self.worker.take());
         let how = match &delivery.settlement {
             Settlement::Complete => Settle::Complete,
             Settlement::Abandon { reason } => {

@@ -137,6 +137,11 @@ impl Database {
         let path = self.path.clone();
         let err = |e| classify(&path, e);
         self.conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        // Plans never depend on bound values. Without this, SQLite marks a
+        // bound `LIMIT ?` (and, with STAT4, any range bound) as plan-shaping
+        // and prepares the statement again at every new binding: every
+        // receive was parsed and planned afresh, 8 % of the queue thread.
+        self.conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(err)?;
         let mode: String = self.conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(QueueError::Open { path, detail: format!("cannot switch to WAL mode (got {mode})") });
@@ -611,15 +616,7 @@ impl Ops<'_> {
     fn visible(&mut self, queue: &str, sub: SubQueue, limit: usize) -> Result<Vec<(i64, StoredMessage)>, QueueError> {
         let dead = sub == SubQueue::DeadLetter;
         let now = self.now;
-        let mut stmt = self
-            .tx
-            .prepare_cached(&format!(
-                // In queue order, skipping the few locked at its head: the
-                // visibility index would sort every visible message first.
-                "SELECT {COLUMNS} FROM messages INDEXED BY messages_by_queue
-                 WHERE queue = ?1 AND dead = ?2 AND deferred = 0 AND visible_at <= ?3 ORDER BY seq LIMIT ?4"
-            ))
-            .map_err(|e| classify(self.path, e))?;
+        let mut stmt = self.tx.prepare_cached(&visible_query()).map_err(|e| classify(self.path, e))?;
         let rows = stmt
             .query_map(params![queue, dead, now, limit as i64], |r| stored(r, now))
             .map_err(|e| classify(self.path, e))?;
@@ -985,5 +982,32 @@ fn classify(path: &str, error: rusqlite::Error) -> QueueError {
             QueueError::Open { path, detail: error.to_string() }
         }
         _ => QueueError::Sqlite(format!("{path}: {error}")),
+    }
+}
+
+/// The next receivable messages of a queue (or its dead letters), in queue
+/// order, skipping the few locked at its head: the visibility index would
+/// sort every visible message first.
+fn visible_query() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM messages INDEXED BY messages_by_queue
+         WHERE queue = ?1 AND dead = ?2 AND deferred = 0 AND visible_at <= ?3 ORDER BY seq LIMIT ?4"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receive_is_planned_once_whatever_it_asks_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Database::open(&dir.path().join("q.db"), StoreOptions::default()).unwrap();
+        db.send("q", (0..10).map(|_| NewMessage::default()).collect()).unwrap();
+        for max in [1, 2, 3, 1] {
+            assert_eq!(db.receive("q", max).unwrap().len(), max);
+        }
+        let stmt = db.conn.prepare_cached(&visible_query()).unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0, "receives were prepared again");
     }
 }
