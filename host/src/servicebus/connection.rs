@@ -1373,6 +1373,20 @@ mod tests {
         })
     }
 
+    /// The one message of queue `q`, once it can be received again (within
+    /// 5 s, far less than its lock).
+    async fn given_back(queue: &QueueHandle, otherwise: &str) -> Received {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = queue.receive_from("q", SubQueue::Active, 1, ReceiveMode::PeekLock).await.unwrap();
+            if let Some(one) = got.into_iter().next() {
+                return one;
+            }
+            assert!(Instant::now() < deadline, "{otherwise}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_fetch_dropped_during_a_receive_gives_its_messages_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -1393,15 +1407,7 @@ mod tests {
         // Let the fetch send its receive to the queue, then drop it (the link detached).
         tokio::task::yield_now().await;
         drop(fetch);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let again = loop {
-            let got = queue.receive_from("q", SubQueue::Active, 1, ReceiveMode::PeekLock).await.unwrap();
-            if let Some(one) = got.into_iter().next() {
-                break one;
-            }
-            assert!(Instant::now() < deadline, "the message stayed locked by a fetch nobody heard back from");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let again = given_back(&queue, "the message stayed locked by a fetch nobody heard back from").await;
         assert_eq!(again.message.delivery_count, 1, "the fetch's delivery did not count");
     }
 
@@ -1416,15 +1422,7 @@ mod tests {
         events.send(Event::Fetched { channel: 0, link: 1, result: Ok(fetched) }).unwrap();
         // However the run loop ends (here: before it read its inbox), the inbox goes with it.
         drop(Inbox { events: rx, queue: queue.clone() });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let again = loop {
-            let got = queue.receive_from("q", SubQueue::Active, 1, ReceiveMode::PeekLock).await.unwrap();
-            if let Some(one) = got.into_iter().next() {
-                break one;
-            }
-            assert!(Instant::now() < deadline, "the fetched message stayed locked after its connection ended");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let again = given_back(&queue, "the fetched message stayed locked after its connection ended").await;
         assert_eq!(again.message.delivery_count, 1, "a delivery the client never saw was counted");
     }
 
