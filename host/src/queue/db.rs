@@ -64,10 +64,14 @@ UPDATE wasm_pc_meta SET value = 2 WHERE key = 'schema_version';
 /// deferred and dead-lettered messages, kept by every operation that changes
 /// them (in its transaction, so a rollback takes the change back too) and
 /// counted afresh at every open. The time-dependent counts (locked,
-/// scheduled) come from the few messages not visible now, through an index
-/// that covers what they need. Nothing here changes the schema's version:
-/// a host that does not know the table leaves it, and the next open
-/// recounts.
+/// scheduled) come from the few messages not visible now, through a
+/// partial index that covers what they need. Its condition holds for every
+/// message that is locked, scheduled or held back after an abandon, and
+/// for none that was sent and not yet received: a send adds no entry, and a
+/// completion removes one from a small index. (An index over every message,
+/// as the first version had, took a fifth off produce throughput.) Nothing
+/// here changes the schema's version: a host that does not know the table
+/// or the index leaves them, and the next open recounts.
 const COUNTS: &str = "
 CREATE TABLE IF NOT EXISTS queue_counts (
     queue    TEXT PRIMARY KEY,
@@ -75,7 +79,9 @@ CREATE TABLE IF NOT EXISTS queue_counts (
     deferred INTEGER NOT NULL DEFAULT 0,
     dead     INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS messages_by_visibility ON messages (queue, dead, visible_at, deferred, lock_token);
+DROP INDEX IF EXISTS messages_by_visibility;
+CREATE INDEX IF NOT EXISTS messages_not_visible ON messages (queue, dead, visible_at, deferred, lock_token)
+    WHERE visible_at > enqueued_at;
 DELETE FROM queue_counts;
 INSERT INTO queue_counts (queue, live, deferred, dead)
     SELECT queue, sum(dead = 0), sum(dead = 0 AND deferred = 1), sum(dead = 1) FROM messages GROUP BY queue;
@@ -764,14 +770,19 @@ impl Ops<'_> {
             .map_err(self.err())?
             .unwrap_or_default();
         // A locked message is invisible until its lock ends; a scheduled one
-        // until its time. A locked deferred message counts as locked.
+        // until its time. A locked deferred message counts as locked. One
+        // not visible now becomes visible after it was enqueued, which is
+        // the partial index's condition; only a wall clock set back past a
+        // lock's length breaks that, and then these counts (which steer
+        // scaling, never delivery) are off until those messages settle.
         let (locked, locked_deferred, scheduled): (i64, i64, i64) = self
             .tx
             .prepare_cached(
                 "SELECT coalesce(sum(lock_token IS NOT NULL), 0),
                         coalesce(sum(lock_token IS NOT NULL AND deferred = 1), 0),
                         coalesce(sum(lock_token IS NULL AND deferred = 0), 0)
-                 FROM messages WHERE queue = ?1 AND dead = 0 AND visible_at > ?2",
+                 FROM messages INDEXED BY messages_not_visible
+                 WHERE queue = ?1 AND dead = 0 AND visible_at > ?2 AND visible_at > enqueued_at",
             )
             .and_then(|mut s| s.query_row(params![queue, self.now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
             .map_err(self.err())?;
