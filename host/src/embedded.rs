@@ -294,8 +294,6 @@ impl Pool {
                 let (pool, dispatcher) = (Arc::clone(&self), Arc::clone(&dispatcher));
                 deliveries.spawn(async move {
                     let (lock, attempt) = (received.lock, received.message.delivery_count);
-                    // A guest slower than the lock must not lose it: renew while it runs.
-                    let renewing = tokio::spawn(renew(pool.queue.clone(), lock, pool.lock_duration()));
                     let settle = Settler {
                         queue: &pool.queue,
                         metrics: dispatcher.metrics(),
@@ -305,8 +303,17 @@ impl Pool {
                         patience: pool.lock_duration(),
                         worker: Some(permit),
                     };
-                    dispatcher.deliver("embedded", to_message(received), settle).await;
-                    renewing.abort();
+                    let delivering = dispatcher.deliver("embedded", to_message(received), settle);
+                    tokio::pin!(delivering);
+                    // A guest slower than the lock must not lose it: renew
+                    // while it runs, in this task (most deliveries end long
+                    // before the first renewal is due), until it settles or
+                    // the lock is gone.
+                    tokio::select! {
+                        biased;
+                        () = &mut delivering => {}
+                        () = renew(&pool.queue, lock, pool.lock_duration()) => delivering.await,
+                    }
                 });
             }
         }
@@ -321,9 +328,9 @@ impl Pool {
 }
 
 /// Renews `lock` every third of its duration until the lock is gone (the
-/// delivery settled) or the task is aborted; as Dapr's Service Bus
+/// delivery settled) or the future is dropped; as Dapr's Service Bus
 /// component renews while the app works.
-async fn renew(queue: QueueHandle, lock: crate::queue::Lock, duration: Duration) {
+async fn renew(queue: &QueueHandle, lock: crate::queue::Lock, duration: Duration) {
     let every = (duration / 3).max(Duration::from_millis(50));
     loop {
         tokio::time::sleep(every).await;
