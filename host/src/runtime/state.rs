@@ -27,15 +27,40 @@ pub struct GuestContext {
     pub config: Arc<BTreeMap<String, String>>,
 }
 
+/// A guest's WASI context and the streams it prints to.
+struct Wasi {
+    ctx: WasiCtx,
+    stdout: Captured,
+    stderr: Captured,
+}
+
+impl Wasi {
+    /// WASI granting nothing: no files, env, args or sockets; stdout/stderr
+    /// captured; random and clocks as WASI gives them.
+    fn new() -> Self {
+        let stdout = Captured::default();
+        let stderr = Captured::default();
+        let ctx = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Wasi { ctx, stdout, stderr }
+    }
+}
+
 /// The data of one store, that is of one invocation.
 pub struct HostState {
-    wasi: WasiCtx,
+    /// Built at the guest's first WASI call: seeding its random sources is a
+    /// good part of a fresh store's cost, and a guest that never calls WASI
+    /// (one built without `std`, or a call that needs none of it) never pays it.
+    wasi: Option<Wasi>,
     table: ResourceTable,
     pub(super) limiter: Limiter,
     guest: Arc<GuestContext>,
     outbound: Arc<dyn Outbound>,
-    pub(super) stdout: Captured,
-    pub(super) stderr: Captured,
     log_lines: u32,
     /// When the current invocation must end.
     deadline: Instant,
@@ -47,26 +72,14 @@ pub struct HostState {
 }
 
 impl HostState {
-    /// A fresh state with WASI granting nothing: no files, env, args or
-    /// sockets; stdout/stderr captured; random and clocks as WASI gives them.
+    /// A fresh state; its WASI context comes with the guest's first WASI call.
     pub fn new(guest: Arc<GuestContext>, outbound: Arc<dyn Outbound>, limits: Limits, deadline: Instant) -> Self {
-        let stdout = Captured::default();
-        let stderr = Captured::default();
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
         HostState {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             limiter: Limiter::new(limits),
             guest,
             outbound,
-            stdout,
-            stderr,
             log_lines: 0,
             deadline,
             host_time: std::time::Duration::ZERO,
@@ -100,14 +113,17 @@ impl HostState {
 
     /// Writes the captured guest output to tracing.
     pub fn flush_output(&self) {
-        self.stdout.drain_to_tracing(&self.guest.label, "stdout");
-        self.stderr.drain_to_tracing(&self.guest.label, "stderr");
+        if let Some(wasi) = &self.wasi {
+            wasi.stdout.drain_to_tracing(&self.guest.label, "stdout");
+            wasi.stderr.drain_to_tracing(&self.guest.label, "stderr");
+        }
     }
 }
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let wasi = self.wasi.get_or_insert_with(Wasi::new);
+        WasiCtxView { ctx: &mut wasi.ctx, table: &mut self.table }
     }
 }
 

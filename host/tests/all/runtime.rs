@@ -200,8 +200,48 @@ async fn guests_have_no_ambient_authority_and_their_output_is_captured() {
     // Sends to an unconfigured binding come back as a typed error.
     let got = rt.consume(&module, &message("s", b"send:nowhere"), out.clone()).await.unwrap();
     assert!(matches!(got, Err(ConsumeError::Retry(ref r)) if r.contains("UnknownBinding")), "{got:?}");
-    // Printing does not fail the guest.
-    assert_eq!(rt.consume(&module, &message("l", b"log"), out).await.unwrap(), Ok(()));
+    // Printing does not fail the guest, and what it prints reaches the logs,
+    // tagged with its stream.
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(logs.clone()).finish();
+    let outcome = {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        rt.consume(&module, &message("l", b"log"), out).await.unwrap()
+    };
+    assert_eq!(outcome, Ok(()));
+    let logs = logs.text();
+    for (stream, line) in [("stdout", "to stdout"), ("stderr", "to stderr")] {
+        assert!(logs.lines().any(|l| l.contains(&format!("stream=\"{stream}\"")) && l.contains(line)), "{logs}");
+    }
+}
+
+/// Log lines written by a test's tracing subscriber.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
 
 #[tokio::test]
@@ -580,4 +620,30 @@ async fn a_guest_built_against_the_0_1_0_wit_still_runs() {
     // And it is still told apart from a producer.
     let wrong = rt.load_producer(ModuleSpec::new("compat", guests::bytes("compat"))).map(|_| ()).unwrap_err();
     assert!(matches!(wrong.kind, LoadErrorKind::WrongWorld { .. }), "{wrong}");
+}
+
+#[tokio::test]
+async fn a_guest_built_without_std_imports_no_wasi_and_runs_fresh_and_reused() {
+    let bytes = guests::bytes("minimal");
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::new(&engine, &bytes).unwrap();
+    let imports: Vec<String> = component.component_type().imports(&engine).map(|(name, _)| name.to_string()).collect();
+    assert!(!imports.is_empty() && imports.iter().all(|name| name.starts_with("wasm-pc:app/")), "{imports:?}");
+
+    for reuse in [1, 100] {
+        let options = RuntimeOptions {
+            limits: small_limits(),
+            instance_reuse: std::num::NonZeroU32::new(reuse).unwrap(),
+            ..RuntimeOptions::default()
+        };
+        let rt = Runtime::new(options).unwrap();
+        let module = rt.load_consumer(ModuleSpec::new("minimal", bytes.clone())).unwrap();
+        let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
+        for i in 0..3 {
+            let id = format!("m{i}");
+            assert_eq!(rt.consume(&module, &message(&id, b"ok"), out.clone()).await.unwrap(), Ok(()), "reuse {reuse}");
+            let retried = retry_reason(rt.consume(&module, &message(&id, b"retry"), out.clone()).await);
+            assert_eq!(retried, "asked to retry", "reuse {reuse}");
+        }
+    }
 }
