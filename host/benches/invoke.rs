@@ -4,8 +4,10 @@
 //!
 //! `cargo bench -p wasm-pc --bench invoke [-- CALLS [GUEST/REUSE]]`: CALLS
 //! timed calls per case (default 20,000); a filter such as `faulty.wasm/1`
-//! runs one case only (add the pool budget: `faulty.wasm/1/512`), which is how instruction counts per call are taken
-//! (`docs/BENCHMARKS.md`: two callgrind runs with different CALLS).
+//! runs one case only (add the pool budget: `faulty.wasm/1/512`), which is
+//! how instruction counts per call are taken (`docs/BENCHMARKS.md`: two
+//! callgrind runs with different CALLS). The trivial consumer comes twice:
+//! `faulty.wasm` sent `ok` is built with `std`, `minimal.wasm` without.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -46,10 +48,15 @@ async fn measure(instance_reuse: NonZeroU32, calls: usize, budget_mib: usize, on
         RuntimeOptions { instance_reuse, limits, prepared_instances: 0, pagemap_scan, ..RuntimeOptions::default() };
     let runtime = Runtime::new(options).unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
-    for (file, body) in [
+    // `INVOKE_EXTRA_GUEST=<file>`: one more trivial consumer from
+    // `target/modules`, sent `ok`, to compare a variant of a guest.
+    let extra = std::env::var("INVOKE_EXTRA_GUEST").ok();
+    let guests = [
         ("faulty.wasm", &b"ok"[..]),
+        ("minimal.wasm", &b"ok"[..]),
         ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..]),
-    ] {
+    ];
+    for (file, body) in guests.into_iter().chain(extra.as_deref().map(|file| (file, &b"ok"[..]))) {
         if only.is_some_and(|only| only != format!("{file}/{instance_reuse}/{budget_mib}")) {
             continue;
         }

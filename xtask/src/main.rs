@@ -102,18 +102,28 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the guests into `target/guests` (their own target dir, as the
-/// host's tests do) and installs them as modules.
-fn guests(root: &Path) -> anyhow::Result<()> {
+/// The `no_std` trivial consumer, for the invoke bench only. It builds on
+/// its own: built beside the `std` guests, Cargo would unify wit-bindgen's
+/// `std` feature into it.
+const MINIMAL_GUEST: (&str, &str) = ("minimal-guest", "minimal.wasm");
+
+/// `cargo build` of guest crates for wasm32-wasip2 into `target_dir`.
+fn build_guests(root: &Path, target_dir: &str, crates: &[&str]) -> anyhow::Result<PathBuf> {
     let mut args = vec!["build", "--quiet", "--profile", "guest", "--target", "wasm32-wasip2"];
-    for (krate, _) in GUESTS {
+    for krate in crates {
         args.extend(["-p", krate]);
     }
     run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root)
         .args(&args)
-        .env("CARGO_TARGET_DIR", root.join("target/guests")))?;
-    let built = root.join("target/guests/wasm32-wasip2/guest");
+        .env("CARGO_TARGET_DIR", root.join(target_dir)))?;
+    Ok(root.join(target_dir).join("wasm32-wasip2/guest"))
+}
+
+/// Builds the guests into `target/guests` (their own target dir, as the
+/// host's tests do) and installs them as modules.
+fn guests(root: &Path) -> anyhow::Result<()> {
+    let built = build_guests(root, "target/guests", &GUESTS.map(|(krate, _)| krate))?;
     let modules = root.join("target/modules");
     std::fs::create_dir_all(&modules)?;
     let mut configmap_bytes = 0;
@@ -139,6 +149,9 @@ fn guests(root: &Path) -> anyhow::Result<()> {
         }
         eprintln!("xtask: {file:<14} {size:>8} bytes  ({krate})");
     }
+    let (krate, file) = MINIMAL_GUEST;
+    let built = build_guests(root, "target/guests-minimal", &[krate])?;
+    std::fs::copy(built.join(format!("{}.wasm", krate.replace('-', "_"))), modules.join(file))?;
     Ok(())
 }
 

@@ -38,12 +38,16 @@ fn build() -> Result<PathBuf, String> {
     // The second flavor builds into its own target dir, so neither build
     // undoes the other.
     cargo_build("target/guests-b", &["-p", "test-guests", "--features", "flavor-b"])?;
+    // The `no_std` guest too: beside the others, wit-bindgen's `std` feature
+    // would be unified into it.
+    cargo_build("target/guests-minimal", &["-p", "minimal-guest"])?;
     Ok(guest_dir())
 }
 
 /// The bytes of a guest component: `consumer`, `producer`, `faulty`,
-/// `faulty-b` (the same test guest built with the `flavor-b` feature) or
-/// `compat` (a consumer built against the 0.1.0 WIT).
+/// `faulty-b` (the same test guest built with the `flavor-b` feature),
+/// `compat` (a consumer built against the 0.1.0 WIT) or `minimal` (the
+/// trivial consumer without `std`).
 pub fn bytes(which: &str) -> Vec<u8> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = match BUILT.get_or_init(build) {
@@ -55,6 +59,7 @@ pub fn bytes(which: &str) -> Vec<u8> {
         "producer" => dir.join("guest_producer.wasm"),
         "faulty" => dir.join("test_guests.wasm"),
         "compat" => dir.join("compat_guest.wasm"),
+        "minimal" => workspace().join("target/guests-minimal/wasm32-wasip2/guest/minimal_guest.wasm"),
         "faulty-b" => workspace().join("target/guests-b/wasm32-wasip2/guest/test_guests.wasm"),
         other => panic!("no guest named {other}"),
     };
