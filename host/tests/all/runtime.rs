@@ -171,7 +171,8 @@ async fn misbehaving_guests_are_stopped_and_classified() {
         "{spin}"
     );
     assert!(spin.to_string().contains("in guest code"), "{spin}");
-    assert!(started.elapsed() < limits.timeout * 5, "stopped late: {:?}", started.elapsed());
+    // Generous: it proves the loop is stopped, on a loaded machine too.
+    assert!(started.elapsed() < limits.timeout * 20, "stopped late: {:?}", started.elapsed());
 
     let hoard = run("alloc").await.unwrap_err();
     assert!(matches!(hoard.kind, FailureKind::ResourceLimit { resource: Resource::Memory, .. }), "{hoard}");
