@@ -75,7 +75,8 @@ fn start_consumer(dir: &Path, sidecar_port: u16) -> (Running, u16) {
     (tokio::task::block_in_place(|| Running::start(&mut cmd, "app listening for daprd on ")), port)
 }
 
-async fn readyz(port: u16) -> serde_json::Value {
+/// `/readyz` now; it blocks, so call it on a multi-thread runtime.
+fn readyz(port: u16) -> serde_json::Value {
     let (status, body) =
         tokio::task::block_in_place(|| http(([127, 0, 0, 1], port).into(), "GET", "/readyz", "text/plain", b""))
             .unwrap();
@@ -93,15 +94,9 @@ struct Swap {
 
 /// Waits until `/readyz` has counted `swaps` swaps; the instant it saw them.
 async fn swapped(port: u16, swaps: u64) -> Instant {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = readyz(port).await;
-        if ready["reload"][0]["swaps"].as_u64().is_some_and(|n| n >= swaps) {
-            return Instant::now();
-        }
-        assert!(Instant::now() < deadline, "swap {swaps} not live after 60 s: {ready}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let counted = || readyz(port)["reload"][0]["swaps"].as_u64().is_some_and(|n| n >= swaps);
+    eventually(Duration::from_secs(60), &format!("swap {swaps} counted in /readyz"), counted).await;
+    Instant::now()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -162,7 +157,7 @@ async fn twenty_kubelet_swaps_under_load_fail_nothing() {
     for task in load {
         task.await.unwrap();
     }
-    let ready = readyz(port).await;
+    let ready = readyz(port);
     drop(host);
 
     let sent = sent.lock().unwrap().clone();
@@ -223,7 +218,7 @@ async fn broken_modules_never_replace_the_live_one() {
         assert_eq!(status, 500, "whoami answers with a retry naming the flavor");
         String::from_utf8(body).unwrap()
     };
-    let live = readyz(port).await["reload"][0]["live"].as_str().unwrap().to_string();
+    let live = readyz(port)["reload"][0]["live"].as_str().unwrap().to_string();
     assert!(tokio::task::block_in_place(whoami).contains("flavor-a"));
 
     let five_mib = {
@@ -241,7 +236,7 @@ async fn broken_modules_never_replace_the_live_one() {
         cm.update(&[("consumer.wasm", bytes)]);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = readyz(port).await;
+            let r = readyz(port);
             if r["reload"][0]["last_error"].as_str().is_some_and(|e| e.contains(reason)) {
                 assert_eq!(r["reload"][0]["live"], live.as_str(), "{what}: the live version stays");
                 break;
@@ -256,7 +251,7 @@ async fn broken_modules_never_replace_the_live_one() {
         tokio::task::block_in_place(whoami).contains("flavor-b")
     })
     .await;
-    let r = readyz(port).await;
+    let r = readyz(port);
     assert!(r["reload"][0]["last_error"].is_null(), "{r}");
     let (_, metrics) =
         tokio::task::block_in_place(|| http(([127, 0, 0, 1], port).into(), "GET", "/metrics", "text/plain", b""))

@@ -113,12 +113,13 @@ impl Proc {
 fn daprd_shutdown_race(log: &str) -> bool {
     let waitgroup = log.contains("panic: sync: WaitGroup is reused before previous Wait has returned")
         && log.contains("processor/binding/input.(*Input).Stop");
-    let ack_after_close = log.contains(
-        r#"Reset: connection.Close() failed: Exception (504) Reason: \"CHANNEL_ERROR - expected 'channel.open'\""#,
-    ) && log
-        .contains(r#"Fatal error from runtime: Exception (504) Reason: \"CHANNEL_ERROR - expected 'channel.open'\""#);
+    let ack_after_close = log.contains(&format!("Reset: connection.Close() failed: {CHANNEL_CLOSED_504}"))
+        && log.contains(&format!("Fatal error from runtime: {CHANNEL_CLOSED_504}"));
     waitgroup || ack_after_close
 }
+
+/// RabbitMQ's answer to a method on a channel it has closed, as daprd logs it.
+const CHANNEL_CLOSED_504: &str = r#"Exception (504) Reason: \"CHANNEL_ERROR - expected 'channel.open'\""#;
 
 #[test]
 fn only_daprds_known_shutdown_failures_are_let_pass() {
@@ -137,7 +138,7 @@ level=info msg="Dapr runtime stopped"
 level=fatal msg="Fatal error from runtime: Exception (504) Reason: \"CHANNEL_ERROR - expected 'channel.open'\"""#;
     assert!(daprd_shutdown_race(ack_after_close));
     let other_fatal = ack_after_close.replace(
-        r#"Fatal error from runtime: Exception (504) Reason: \"CHANNEL_ERROR - expected 'channel.open'\""#,
+        &format!("Fatal error from runtime: {CHANNEL_CLOSED_504}"),
         r#"Fatal error from runtime: Exception (320) Reason: \"CONNECTION_FORCED\""#,
     );
     assert!(!daprd_shutdown_race(&other_fatal), "another fatal error after the same warning");
