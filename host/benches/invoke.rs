@@ -48,15 +48,19 @@ async fn measure(instance_reuse: NonZeroU32, calls: usize, budget_mib: usize, on
         RuntimeOptions { instance_reuse, limits, prepared_instances: 0, pagemap_scan, ..RuntimeOptions::default() };
     let runtime = Runtime::new(options).unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
-    // `INVOKE_EXTRA_GUEST=<file>`: one more trivial consumer from
-    // `target/modules`, sent `ok`, to compare a variant of a guest.
-    let extra = std::env::var("INVOKE_EXTRA_GUEST").ok();
     let guests = [
         ("faulty.wasm", &b"ok"[..]),
         ("minimal.wasm", &b"ok"[..]),
         ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..]),
     ];
-    for (file, body) in guests.into_iter().chain(extra.as_deref().map(|file| (file, &b"ok"[..]))) {
+    // `INVOKE_EXTRA_GUEST=<file>`: one more guest from `target/modules`, a
+    // variant of one above, to compare the two. It is sent what the guest
+    // its name starts with is sent (`consumer-small-stack.wasm`: an order).
+    let extra = std::env::var("INVOKE_EXTRA_GUEST").ok().map(|file| {
+        let like = guests.iter().find(|(guest, _)| file.starts_with(guest.trim_end_matches(".wasm")));
+        (file, like.map_or(&b"ok"[..], |(_, body)| *body))
+    });
+    for (file, body) in guests.into_iter().chain(extra.as_ref().map(|(file, body)| (file.as_str(), *body))) {
         if only.is_some_and(|only| only != format!("{file}/{instance_reuse}/{budget_mib}")) {
             continue;
         }

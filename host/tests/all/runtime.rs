@@ -108,6 +108,57 @@ async fn the_sample_consumer_reads_orders_with_fields_it_does_not_know() {
     assert_eq!(rt.consume(&module, &message("m9", newer.as_bytes()), out).await.unwrap(), Ok(()));
 }
 
+/// An order with an unknown field nested `depth` arrays deep.
+fn nested_order(id: &str, depth: usize) -> String {
+    let items = r#"[{"sku":"A","qty":1,"price_cents":5}]"#;
+    format!(r#"{{"id":"{id}","customer":"acme","items":{items},"extra":{}{}}}"#, "[".repeat(depth), "]".repeat(depth))
+}
+
+/// The sample guests run on a 64 KiB stack (their `build.rs`), and the
+/// deepest JSON they read must fit: a body nested past what they read is a
+/// clear rejection, never a stack overflow that traps the guest and has a
+/// poison message retried. The consumer reads orders into types, skipping
+/// unknown fields without recursion; the producer reads a batch as JSON
+/// values, which serde_json stops at 128 levels.
+#[tokio::test]
+async fn the_sample_guests_stacks_hold_the_deepest_json_they_read() {
+    let rt = runtime_with(small_limits());
+    let consumer = consumer(&rt, &[]);
+    let out: Arc<dyn Outbound> = Arc::new(Recorder::default());
+    let consume = |body: String| {
+        let (rt, consumer, out) = (&rt, &consumer, out.clone());
+        async move { rt.consume(consumer, &message("m", body.as_bytes()), out).await.unwrap() }
+    };
+    assert_eq!(consume(nested_order("deep", 100_000)).await, Ok(()), "an unknown field is skipped at any depth");
+    let deep_customer = format!(
+        r#"{{"id":"o","customer":{}{},"items":[{{"sku":"A","qty":1,"price_cents":5}}]}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let rejected = consume(deep_customer).await;
+    assert!(matches!(rejected, Err(ConsumeError::Reject(ref r)) if r.contains("invalid type")), "{rejected:?}");
+
+    let producer = rt
+        .load_producer(ModuleSpec::new("producer", guests::bytes("producer")).with_config([("binding", "orders")]))
+        .unwrap();
+    let produce = |depth: usize| {
+        let request = Request {
+            method: "POST".into(),
+            path: "/produce".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: format!("[{}]", nested_order("deep", depth)).into_bytes(),
+        };
+        let (rt, producer, out) = (&rt, &producer, out.clone());
+        async move { rt.produce(producer, &request, out).await.unwrap() }
+    };
+    assert_eq!(produce(125).await.status, 202, "125 arrays in an order in a batch: the most serde_json reads");
+    for depth in [126, 100_000] {
+        let response = produce(depth).await;
+        assert_eq!(response.status, 400, "{depth}");
+        assert!(String::from_utf8_lossy(&response.body).contains("recursion limit"), "{depth}: {response:?}");
+    }
+}
+
 #[tokio::test]
 async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
     let rt = runtime_with(small_limits());
