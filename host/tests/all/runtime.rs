@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use wasm_pc::runtime::outbound::{NoOutbound, Outbound, Recorder};
 use wasm_pc::runtime::{
-    CacheStatus, ConsumeError, ConsumerModule, FailureKind, Limits, LoadErrorKind, Message, ModuleSpec, Request,
-    Resource, Runtime, RuntimeOptions, World,
+    CacheStatus, ConsumeError, ConsumerModule, FailureKind, Limits, LoadErrorKind, Message, ModuleSpec, ProducerModule,
+    Request, Resource, Runtime, RuntimeOptions, World,
 };
 
 use crate::guests;
@@ -36,6 +36,22 @@ fn order(id: &str, sku: &str) -> String {
 fn consumer(rt: &Runtime, config: &[(&str, &str)]) -> ConsumerModule {
     let spec = ModuleSpec::new("consumer", guests::bytes("consumer")).with_config(config.iter().copied());
     rt.load_consumer(spec).unwrap()
+}
+
+/// The sample producer, sending to binding `orders`.
+fn producer(rt: &Runtime) -> ProducerModule {
+    rt.load_producer(ModuleSpec::new("producer", guests::bytes("producer")).with_config([("binding", "orders")]))
+        .unwrap()
+}
+
+/// A JSON `POST /produce` carrying `body`.
+fn produce_request(body: impl Into<Vec<u8>>) -> Request {
+    Request {
+        method: "POST".into(),
+        path: "/produce".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body.into(),
+    }
 }
 
 #[tokio::test]
@@ -79,15 +95,8 @@ async fn time_spent_waiting_on_the_host_is_not_blamed_on_the_guest() {
         }
     }
     let rt = runtime_with(small_limits());
-    let module = rt
-        .load_producer(ModuleSpec::new("producer", guests::bytes("producer")).with_config([("binding", "orders")]))
-        .unwrap();
-    let request = Request {
-        method: "POST".into(),
-        path: "/produce".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: format!("[{}]", order("h", "A")).into_bytes(),
-    };
+    let module = producer(&rt);
+    let request = produce_request(format!("[{}]", order("h", "A")));
     let error = rt.produce(&module, &request, Arc::new(Hang)).await.unwrap_err();
     let FailureKind::Timeout(spent) = &error.kind else { panic!("{error}") };
     // The sample producer sends its orders as one batch.
@@ -138,16 +147,9 @@ async fn the_sample_guests_stacks_hold_the_deepest_json_they_read() {
     let rejected = consume(deep_customer).await;
     assert!(matches!(rejected, Err(ConsumeError::Reject(ref r)) if r.contains("invalid type")), "{rejected:?}");
 
-    let producer = rt
-        .load_producer(ModuleSpec::new("producer", guests::bytes("producer")).with_config([("binding", "orders")]))
-        .unwrap();
+    let producer = producer(&rt);
     let produce = |depth: usize| {
-        let request = Request {
-            method: "POST".into(),
-            path: "/produce".into(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: format!("[{}]", nested_order("deep", depth)).into_bytes(),
-        };
+        let request = produce_request(format!("[{}]", nested_order("deep", depth)));
         let (rt, producer, out) = (&rt, &producer, out.clone());
         async move { rt.produce(producer, &request, out).await.unwrap() }
     };
@@ -162,20 +164,12 @@ async fn the_sample_guests_stacks_hold_the_deepest_json_they_read() {
 #[tokio::test]
 async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
     let rt = runtime_with(small_limits());
-    let module = rt
-        .load_producer(ModuleSpec::new("producer", guests::bytes("producer")).with_config([("binding", "orders")]))
-        .unwrap();
+    let module = producer(&rt);
     let recorder = Recorder::default();
     let out: Arc<dyn Outbound> = Arc::new(recorder.clone());
     let batch = format!("[{},{},{}]", order("a", "X"), order("b", "Y"), order("c", "Z"));
-    let request = |body: &str| Request {
-        method: "POST".into(),
-        path: "/produce".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: body.as_bytes().to_vec(),
-    };
 
-    let response = rt.produce(&module, &request(&batch), out.clone()).await.unwrap();
+    let response = rt.produce(&module, &produce_request(batch), out.clone()).await.unwrap();
     assert_eq!(response.status, 202);
     let sent = recorder.sent();
     assert_eq!(sent.len(), 3);
@@ -190,13 +184,13 @@ async fn producer_turns_a_batch_into_sends_and_a_bad_batch_into_400() {
     }
 
     let bad = format!("[{},{{\"id\":\"\",\"customer\":\"x\",\"items\":[]}}]", order("d", "X"));
-    let response = rt.produce(&module, &request(&bad), out.clone()).await.unwrap();
+    let response = rt.produce(&module, &produce_request(bad), out.clone()).await.unwrap();
     assert_eq!(response.status, 400);
     let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
     assert_eq!(body["index"], 1);
     assert_eq!(recorder.sent().len(), 3, "a bad batch sends nothing");
 
-    let garbage = rt.produce(&module, &request("nope"), out).await.unwrap();
+    let garbage = rt.produce(&module, &produce_request("nope"), out).await.unwrap();
     assert_eq!(garbage.status, 400);
 }
 
