@@ -14,12 +14,17 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p wasm-pc \
+# jemalloc fixes its page size at build time, from the build machine's. On
+# arm64 it is set to 64 KiB, which also runs on kernels with 4 or 16 KiB
+# pages (a smaller size than the kernel's would not start).
+ARG TARGETARCH
+RUN if [ "$TARGETARCH" = "arm64" ]; then export JEMALLOC_SYS_WITH_LG_PAGE=16; fi \
+ && cargo build --release --locked -p wasm-pc \
  && install -D -m 0755 target/release/wasm-pc /out/wasm-pc \
  && install -d -m 0700 -o 65532 -g 65532 /out/cache
 
-# Runtime: glibc and libgcc only (the binary links nothing else; SQLite is
-# bundled), no shell, non-root.
+# Runtime: glibc and libgcc only (the binary links nothing else; SQLite and
+# jemalloc are built in), no shell, non-root.
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=build /out/wasm-pc /usr/local/bin/wasm-pc
 COPY --from=build --chown=65532:65532 /out/cache /cache
