@@ -117,10 +117,16 @@ async fn the_sample_consumer_reads_orders_with_fields_it_does_not_know() {
     assert_eq!(rt.consume(&module, &message("m9", newer.as_bytes()), out).await.unwrap(), Ok(()));
 }
 
+/// `depth` JSON arrays, each inside the last.
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+const ONE_ITEM: &str = r#"[{"sku":"A","qty":1,"price_cents":5}]"#;
+
 /// An order with an unknown field nested `depth` arrays deep.
 fn nested_order(id: &str, depth: usize) -> String {
-    let items = r#"[{"sku":"A","qty":1,"price_cents":5}]"#;
-    format!(r#"{{"id":"{id}","customer":"acme","items":{items},"extra":{}{}}}"#, "[".repeat(depth), "]".repeat(depth))
+    format!(r#"{{"id":"{id}","customer":"acme","items":{ONE_ITEM},"extra":{}}}"#, nested(depth))
 }
 
 /// The sample guests run on a 64 KiB stack (their `build.rs`), and the
@@ -139,11 +145,7 @@ async fn the_sample_guests_stacks_hold_the_deepest_json_they_read() {
         async move { rt.consume(consumer, &message("m", body.as_bytes()), out).await.unwrap() }
     };
     assert_eq!(consume(nested_order("deep", 100_000)).await, Ok(()), "an unknown field is skipped at any depth");
-    let deep_customer = format!(
-        r#"{{"id":"o","customer":{}{},"items":[{{"sku":"A","qty":1,"price_cents":5}}]}}"#,
-        "[".repeat(100_000),
-        "]".repeat(100_000)
-    );
+    let deep_customer = format!(r#"{{"id":"o","customer":{},"items":{ONE_ITEM}}}"#, nested(100_000));
     let rejected = consume(deep_customer).await;
     assert!(matches!(rejected, Err(ConsumeError::Reject(ref r)) if r.contains("invalid type")), "{rejected:?}");
 
