@@ -2,9 +2,12 @@
 //! SQLite queue (group commit) → worker pool → consumer component → complete.
 //!
 //! `cargo bench -p wasm-pc --bench embedded [-- N]`; `BENCH_PREPARED=0` runs
-//! it with nothing prepared ahead (`--prepared-instances 0`),
-//! `BENCH_WORKERS` sets the pool's workers (64) and `BENCH_PRODUCERS` the
-//! concurrent produce requests (8).
+//! it with nothing prepared ahead (`--prepared-instances 0`), `BENCH_REUSE`
+//! with instances reused that many times (`--instance-reuse`),
+//! `BENCH_WORKERS` sets the pool's workers (64), `BENCH_PRODUCERS` the
+//! concurrent produce requests (8) and `BENCH_MAX_CONCURRENT` the runtime's
+//! pool slots (1,000; valgrind cannot reserve the address space of that
+//! many, so callgrind runs take e.g. 16 slots with 8 workers).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -32,6 +35,12 @@ fn main() {
 async fn run(count: usize, concurrent: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut options = RuntimeOptions::default();
+    if let Some(reuse) = std::env::var("BENCH_REUSE").ok().and_then(|v| v.parse().ok()) {
+        options.instance_reuse = reuse;
+    }
+    if let Some(slots) = std::env::var("BENCH_MAX_CONCURRENT").ok().and_then(|v| v.parse().ok()) {
+        options.limits.max_concurrent = slots;
+    }
     if let Some(prepared) = std::env::var("BENCH_PREPARED").ok().and_then(|v| v.parse().ok()) {
         options.prepared_instances = prepared;
     }
