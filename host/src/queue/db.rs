@@ -332,8 +332,10 @@ impl Database {
     ) -> Result<R, QueueError> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(behavior).map_err(|e| classify(&path, e))?;
-        let mut ops = Ops { tx, path: &path, options: &self.options, cap: self.cap, now: now_ms() };
+        let mut ops =
+            Ops { tx, path: &path, options: &self.options, cap: self.cap, now: now_ms(), counts: Counts::default() };
         let result = f(&mut ops)?;
+        ops.write_counts()?;
         ops.tx.commit().map_err(|e| classify(&path, e))?;
         Ok(result)
     }
@@ -422,6 +424,28 @@ pub struct Ops<'a> {
     cap: Option<Cap>,
     /// One clock reading per transaction, so its operations agree.
     now: i64,
+    /// Count changes not yet written: one upsert per queue per transaction,
+    /// not one per message.
+    counts: Counts,
+}
+
+/// Changes to the kept counts of each queue (see [`COUNTS`]), as
+/// `[live, deferred, dead]`. A group of commands touches one queue or a
+/// few, so a list beats a map.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Counts(Vec<(String, [i64; 3])>);
+
+impl Counts {
+    fn add(&mut self, queue: &str, change: [i64; 3]) {
+        match self.0.iter_mut().find(|(q, _)| q == queue) {
+            Some((_, total)) => total.iter_mut().zip(change).for_each(|(t, c)| *t += c),
+            None => self.0.push((queue.to_string(), change)),
+        }
+    }
+
+    fn of(&self, queue: &str) -> [i64; 3] {
+        self.0.iter().find(|(q, _)| q == queue).map_or([0; 3], |(_, change)| *change)
+    }
 }
 
 impl Ops<'_> {
@@ -444,12 +468,14 @@ impl Ops<'_> {
         // settle, each send), and parsing these anew each time showed.
         let run = |tx: &Transaction<'_>, sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
         run(&self.tx, "SAVEPOINT step").map_err(self.err())?;
+        let counts = self.counts.clone();
         let result = f(self);
         if self.aborted() {
             return result;
         }
         if result.is_err() {
             run(&self.tx, "ROLLBACK TO step").map_err(self.err())?;
+            self.counts = counts;
         }
         run(&self.tx, "RELEASE step").map_err(self.err())?;
         result
@@ -480,18 +506,26 @@ impl Ops<'_> {
             .map_err(self.err())
     }
 
-    /// Moves `queue`'s kept counts by these amounts (see [`COUNTS`]).
-    fn count(&mut self, queue: &str, live: i64, deferred: i64, dead: i64) -> Result<(), QueueError> {
-        if (live, deferred, dead) == (0, 0, 0) {
-            return Ok(());
+    /// Moves `queue`'s kept counts by these amounts (see [`COUNTS`]), when
+    /// the transaction commits.
+    fn count(&mut self, queue: &str, live: i64, deferred: i64, dead: i64) {
+        self.counts.add(queue, [live, deferred, dead]);
+    }
+
+    /// Writes the count changes made so far.
+    fn write_counts(&mut self) -> Result<(), QueueError> {
+        for (queue, [live, deferred, dead]) in std::mem::take(&mut self.counts).0 {
+            if [live, deferred, dead] == [0; 3] {
+                continue;
+            }
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO queue_counts (queue, live, deferred, dead) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(queue) DO UPDATE SET live = live + ?2, deferred = deferred + ?3, dead = dead + ?4",
+                )
+                .and_then(|mut s| s.execute(params![queue, live, deferred, dead]))
+                .map_err(self.err())?;
         }
-        self.tx
-            .prepare_cached(
-                "INSERT INTO queue_counts (queue, live, deferred, dead) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(queue) DO UPDATE SET live = live + ?2, deferred = deferred + ?3, dead = dead + ?4",
-            )
-            .and_then(|mut s| s.execute(params![queue, live, deferred, dead]))
-            .map_err(self.err())?;
         Ok(())
     }
 
@@ -540,7 +574,7 @@ impl Ops<'_> {
             sent.push(Sent { id, sequence });
         }
         drop(insert);
-        self.count(queue, count, 0, 0)?;
+        self.count(queue, count, 0, 0);
         Ok(sent)
     }
 
@@ -660,7 +694,8 @@ impl Ops<'_> {
         }
     }
 
-    /// Settles a message whose lock is still held.
+    /// Settles a message whose lock is still held, in one write statement
+    /// (the queue thread runs it without a savepoint; keep it to one).
     pub fn settle(&mut self, lock: Lock, how: &Settle) -> Result<Settled, QueueError> {
         let Held { deliveries, dead, deferred, queue } = self.held(lock)?;
         let unlock = |ops: &mut Self, visible: i64, extra: &str| {
@@ -702,14 +737,15 @@ impl Ops<'_> {
             Settle::Defer => {
                 unlock(self, self.now, ", deferred = 1")?;
                 if !dead && !deferred {
-                    self.count(&queue, 0, 1, 0)?;
+                    self.count(&queue, 0, 1, 0);
                 }
                 Ok(Settled::Deferred)
             }
         }
     }
 
-    /// Extends a held lock by its queue's lock duration.
+    /// Extends a held lock by its queue's lock duration, in one write
+    /// statement (as [`Ops::settle`]).
     pub fn renew(&mut self, lock: Lock) -> Result<i64, QueueError> {
         let Held { queue, .. } = self.held(lock)?;
         let until = self.now.saturating_add(millis(self.queue_options(&queue).lock_duration));
@@ -736,7 +772,8 @@ impl Ops<'_> {
             )
             .and_then(|mut s| s.execute(params![reason, description, self.now, seq]))
             .map_err(self.err())?;
-        self.count(queue, -1, -i64::from(deferred), 1)
+        self.count(queue, -1, -i64::from(deferred), 1);
+        Ok(())
     }
 
     /// A message whose time to live ran out: dead-lettered or dropped, as the
@@ -756,7 +793,12 @@ impl Ops<'_> {
             .prepare_cached("DELETE FROM messages WHERE seq = ?1")
             .and_then(|mut s| s.execute([seq]))
             .map_err(self.err())?;
-        if dead { self.count(queue, 0, 0, -1) } else { self.count(queue, -1, -i64::from(deferred), 0) }
+        if dead {
+            self.count(queue, 0, 0, -1)
+        } else {
+            self.count(queue, -1, -i64::from(deferred), 0)
+        }
+        Ok(())
     }
 
     /// The queue's counts, in time proportional to the messages not visible
@@ -769,6 +811,9 @@ impl Ops<'_> {
             .and_then(|mut s| s.query_row([queue], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
             .map_err(self.err())?
             .unwrap_or_default();
+        // This transaction's own changes, not written yet.
+        let [live_change, deferred_change, dead_change] = self.counts.of(queue);
+        let (live, deferred, dead) = (live + live_change, deferred + deferred_change, dead + dead_change);
         // A locked message is invisible until its lock ends; a scheduled one
         // until its time. A locked deferred message counts as locked. One
         // not visible now becomes visible after it was enqueued, which is
@@ -840,11 +885,13 @@ impl Ops<'_> {
             moved
         };
         let n = i64::try_from(moved).unwrap_or(i64::MAX);
-        self.count(queue, n, 0, -n)?;
+        self.count(queue, n, 0, -n);
         Ok(moved)
     }
 
     pub fn purge(&mut self, queue: &str, target: PurgeTarget) -> Result<usize, QueueError> {
+        // It sets counts outright: what moved before must be in the table.
+        self.write_counts()?;
         let (sql, counts) = match target {
             PurgeTarget::Active => {
                 ("DELETE FROM messages WHERE queue = ?1 AND dead = 0", "UPDATE queue_counts SET live = 0, deferred = 0")
@@ -877,6 +924,8 @@ impl Ops<'_> {
 
     /// Sets each queue's last sequence number and counts from what it holds.
     fn renumber(&mut self) -> Result<(), QueueError> {
+        // It counts everything afresh: nothing moved before may be added on top.
+        self.counts = Counts::default();
         self.tx
             .execute_batch(
                 "INSERT OR REPLACE INTO queue_sequences (queue, last) SELECT queue, max(sequence) FROM messages GROUP BY queue",
@@ -900,7 +949,7 @@ impl Ops<'_> {
             removed += stmt.execute(params![queue, sequence, self.now]).map_err(|e| classify(self.path, e))?;
         }
         drop(stmt);
-        self.count(queue, -i64::try_from(removed).unwrap_or(i64::MAX), 0, 0)?;
+        self.count(queue, -i64::try_from(removed).unwrap_or(i64::MAX), 0, 0);
         Ok(removed)
     }
 

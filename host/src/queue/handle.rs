@@ -5,11 +5,12 @@
 //! then answers each caller. A send is therefore acknowledged only when it is
 //! durable, yet a thousand concurrent sends cost one commit.
 //!
-//! Each command is one all-or-nothing step (a savepoint): one that fails
-//! midway leaves nothing behind and its caller gets the error, while the
-//! rest of the group commits. If SQLite itself aborts the transaction (a
-//! full disk), the group's sends fail with that error and the rest of the
-//! group runs again without them.
+//! Each command is one all-or-nothing step (a savepoint, or for a settle or
+//! a renewal its one write statement): one that fails midway leaves nothing
+//! behind and its caller gets the error, while the rest of the group
+//! commits. If SQLite itself aborts the transaction (a full disk), the
+//! group's sends fail with that error and the rest of the group runs again
+//! without them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -60,8 +61,10 @@ impl Command {
             Command::Receive { queue, sub, max, mode, .. } => {
                 Outcome::Received(ops.step(|ops| ops.receive(queue, *sub, *max, *mode)))
             }
-            Command::Settle { lock, how, .. } => Outcome::Settled(ops.step(|ops| ops.settle(*lock, how))),
-            Command::Renew { lock, .. } => Outcome::Renewed(ops.step(|ops| ops.renew(*lock))),
+            // One write statement each, which SQLite undoes by itself when it
+            // fails: no savepoint, the cost of a step on every message.
+            Command::Settle { lock, how, .. } => Outcome::Settled(ops.settle(*lock, how)),
+            Command::Renew { lock, .. } => Outcome::Renewed(ops.renew(*lock)),
             Command::Depth { queue, .. } => Outcome::Depth(ops.depth(queue)),
             Command::Peek { queue, sub, from, max, .. } => Outcome::Peeked(ops.peek(queue, *sub, *from, *max)),
             Command::CancelScheduled { queue, sequences, .. } => {

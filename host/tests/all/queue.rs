@@ -460,6 +460,8 @@ async fn every_command_in_a_group_is_all_or_nothing() {
     let stored: std::collections::BTreeSet<String> =
         queue.peek("q", SubQueue::Active, 0, 100_000).await.unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(stored, accepted, "exactly the acknowledged batches are stored: no partial batch, nothing refused");
+    let depth = queue.depth("q").await.unwrap();
+    assert_eq!(depth.active, accepted.len() as u64, "a refused batch's counts went with it");
 }
 
 /// A full database refuses sends, yet settles that share their transaction
@@ -670,4 +672,22 @@ fn depth_from_kept_counts_agrees_with_counting_every_message() {
     db.purge("q", PurgeTarget::All).unwrap();
     check(&mut db, "purge");
     assert_eq!(db.depth("q").unwrap(), Depth::default());
+    // Counts are written once per transaction; until then, depth inside
+    // it still sees what the transaction did, a failed step excepted.
+    let seen = db
+        .write(|ops| {
+            ops.step(|ops| ops.send("q", (0..3).map(|i| msg(&format!("n{i}"))).collect()))?;
+            let failed: Result<(), QueueError> = ops.step(|ops| {
+                ops.send("q", vec![msg("undone")])?;
+                Err(QueueError::Sqlite("a step that fails after its send".into()))
+            });
+            assert!(failed.is_err());
+            let got = ops.receive("q", SubQueue::Active, 1, ReceiveMode::PeekLock)?;
+            ops.settle(got[0].lock, &Settle::Complete)?;
+            ops.depth("q")
+        })
+        .unwrap();
+    assert_eq!(seen.active, 2, "three sent, the failed step's one undone, one completed: {seen:?}");
+    check(&mut db, "sends, a failed step and a completion in one transaction");
+    assert_eq!(db.depth("q").unwrap(), seen);
 }
