@@ -7,7 +7,7 @@
 //! `BENCH_WORKERS` sets the pool's workers (64), `BENCH_PRODUCERS` the
 //! concurrent produce requests (8) and `BENCH_MAX_CONCURRENT` the runtime's
 //! pool slots (1,000; valgrind cannot reserve the address space of that
-//! many, so callgrind runs take e.g. 16 slots with 8 workers).
+//! many: `docs/BENCHMARKS.md` runs callgrind with 6 slots and 4 workers).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
