@@ -35,13 +35,13 @@ fn main() {
 async fn run(count: usize, concurrent: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut options = RuntimeOptions::default();
-    if let Some(reuse) = std::env::var("BENCH_REUSE").ok().and_then(|v| v.parse().ok()) {
+    if let Some(reuse) = env("BENCH_REUSE") {
         options.instance_reuse = reuse;
     }
-    if let Some(slots) = std::env::var("BENCH_MAX_CONCURRENT").ok().and_then(|v| v.parse().ok()) {
+    if let Some(slots) = env("BENCH_MAX_CONCURRENT") {
         options.limits.max_concurrent = slots;
     }
-    if let Some(prepared) = std::env::var("BENCH_PREPARED").ok().and_then(|v| v.parse().ok()) {
+    if let Some(prepared) = env("BENCH_PREPARED") {
         options.prepared_instances = prepared;
     }
     let runtime = Arc::new(Runtime::new(options).unwrap());
@@ -126,6 +126,11 @@ async fn run(count: usize, concurrent: bool) {
     }
 }
 
+/// `name` from the environment, if set and parseable.
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 fn env_or(name: &str, default: u32) -> u32 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
+    env(name).filter(|&n| n > 0).unwrap_or(default)
 }

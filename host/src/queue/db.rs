@@ -432,7 +432,7 @@ pub struct Ops<'a> {
 /// Changes to the kept counts of each queue (see [`COUNTS`]), as
 /// `[live, deferred, dead]`. A group of commands touches one queue or a
 /// few, so a list beats a map.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 struct Counts(Vec<(String, [i64; 3])>);
 
 impl Counts {
