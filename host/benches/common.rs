@@ -22,3 +22,14 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     (at(0.50), at(0.99))
 }
+
+/// `BENCH_LOG=text|json` installs the binary's subscriber (filter from
+/// `WASM_PC_LOG`, as the binary reads it): what logging costs a delivery.
+/// Unset, nothing is installed and spans cost next to nothing.
+pub fn logging() {
+    match std::env::var("BENCH_LOG").as_deref() {
+        Ok("json") => wasm_pc::logging::init(wasm_pc::logging::LogFormat::Json),
+        Ok(_) => wasm_pc::logging::init(wasm_pc::logging::LogFormat::Text),
+        Err(_) => {}
+    }
+}

@@ -12,6 +12,8 @@
 //!
 //! `cargo bench -p wasm-pc --bench dapr_input [-- REQUESTS [REUSE] [sequential]]`:
 //! `sequential` runs only the concurrency-1 phase, for profiling it.
+//! `BENCH_LOG=json` (or `text`) logs as the binary does, filtered by
+//! `WASM_PC_LOG`; unset, nothing is logged.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -35,6 +37,7 @@ use wasm_pc::runtime::{ModuleSpec, Runtime, RuntimeOptions};
 const CONNECTIONS: usize = 32;
 
 fn main() {
+    common::logging();
     let mut numbers = std::env::args().skip(1).filter_map(|a| a.parse::<usize>().ok());
     let requests = numbers.next().unwrap_or(40_000);
     let reuse = NonZeroU32::new(numbers.next().unwrap_or(100) as u32).unwrap();

@@ -8,6 +8,8 @@
 //! concurrent produce requests (8) and `BENCH_MAX_CONCURRENT` the runtime's
 //! pool slots (1,000; valgrind cannot reserve the address space of that
 //! many: `docs/BENCHMARKS.md` runs callgrind with 6 slots and 4 workers).
+//! `BENCH_LOG=json` (or `text`) logs as the binary does, filtered by
+//! `WASM_PC_LOG`; unset, nothing is logged.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -24,6 +26,7 @@ use wasm_pc::runtime::{ModuleSpec, Request, Runtime, RuntimeOptions};
 use wasm_pc::scale::ScaleRule;
 
 fn main() {
+    common::logging();
     let count: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50_000);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(run(count, true));

@@ -26,6 +26,7 @@ pub mod embedded;
 pub mod fuzz;
 pub mod host;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod modules;
 pub mod queue;

@@ -30,13 +30,4 @@ impl Settlement {
             Err(error) => Settlement::Abandon { reason: error.to_string() },
         }
     }
-
-    /// A short label for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Settlement::Complete => "complete",
-            Settlement::Abandon { .. } => "abandon",
-            Settlement::DeadLetter { .. } => "dead_letter",
-        }
-    }
 }

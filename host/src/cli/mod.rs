@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::logging::LogFormat;
 use crate::modules::{ModuleSource, parse_pairs};
 use crate::runtime::{Limits, RuntimeOptions, World};
 
@@ -24,9 +25,9 @@ use crate::runtime::{Limits, RuntimeOptions, World};
 #[derive(Debug, Parser)]
 #[command(name = "wasm-pc", version, about)]
 pub struct Cli {
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "WASM_PC_LOG_FORMAT", default_value = "text", global = true)]
-    log_format: String,
+    /// Log format.
+    #[arg(long, env = "WASM_PC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     /// Threads that run the host's tasks and guests. The default is one per
     /// core this process may use. Where a sidecar drives the host one
     /// delivery at a time on a small pod, 1 saves waking a second thread for
@@ -58,7 +59,7 @@ enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_format);
+    crate::logging::init(cli.log_format);
     raise_open_files_limit();
     let threads = cli.worker_threads;
     let result = match cli.command {
@@ -87,19 +88,6 @@ fn run_async(
         builder.worker_threads(threads.get());
     }
     builder.enable_all().build()?.block_on(future)
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_PC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
-    // Colour only for a person at a terminal, never into files or collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// Engine limits and the artifact cache.

@@ -201,3 +201,25 @@ fn sigkill_at_any_moment_loses_no_message() {
     );
     assert_eq!(db.depth("orders").unwrap().dead_lettered, 0);
 }
+
+/// A log format the host does not write is a usage error that names the
+/// ones it does, not text in place of the JSON a collector expects.
+#[test]
+fn an_unknown_log_format_is_refused_with_the_choices() {
+    let out = command(&["dev", "--demo", "1"]).env("WASM_PC_LOG_FORMAT", "jsn").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("jsn") && stderr.contains("text") && stderr.contains("json"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("demo.db");
+    let out = command(&["dev", "--demo", "1", "--db"]).arg(&db).env("WASM_PC_LOG_FORMAT", "json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty(), "the host logged nothing");
+    for line in lines {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(event["level"].is_string() && event["fields"].is_object(), "{line}");
+    }
+}
