@@ -27,9 +27,18 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
 /// `WASM_PC_LOG`, as the binary reads it): what logging costs a delivery.
 /// Unset, nothing is installed and spans cost next to nothing.
 pub fn logging() {
-    match std::env::var("BENCH_LOG").as_deref() {
-        Ok("json") => wasm_pc::logging::init(wasm_pc::logging::LogFormat::Json),
-        Ok(_) => wasm_pc::logging::init(wasm_pc::logging::LogFormat::Text),
-        Err(_) => {}
+    use clap::ValueEnum;
+    use wasm_pc::logging::LogFormat;
+
+    if let Ok(value) = std::env::var("BENCH_LOG") {
+        // Parsed as the binary parses WASM_PC_LOG_FORMAT: a typo is refused,
+        // not measured as the other format.
+        match LogFormat::from_str(&value, false) {
+            Ok(format) => wasm_pc::logging::init(format),
+            Err(e) => {
+                eprintln!("BENCH_LOG={value}: {e}");
+                std::process::exit(2);
+            }
+        }
     }
 }
