@@ -4,9 +4,10 @@
 //! the instance, and resetting its pool slot when the store is dropped.
 //! Neither needs the delivery to wait. After an invocation a thread of its
 //! own drops the spent store and prepares the module's next instance (store,
-//! WASI context, instantiation; no export is called), so the answer goes out
-//! first and the next delivery finds its instance ready. A message still
-//! never runs on an instance that ran another message.
+//! WASI context, instantiation; no export is called), so the next delivery
+//! finds its instance ready. The job is handed over only once the invoking
+//! task yields, so even waking the thread comes after the answer is written.
+//! A message still never runs on an instance that ran another message.
 //!
 //! That pays only with a core to spare, so the thread runs at idle priority
 //! (`SCHED_IDLE`: only when a core has nothing else to run) and takes one
@@ -70,13 +71,25 @@ impl Ahead {
         if spent.is_none() && refill.is_none() {
             return;
         }
-        thread.spawn(async move {
+        let job = async move {
             drop(spent);
             if let Some(refill) = refill {
                 refill.run().await;
             }
             drop(idle);
-        });
+        };
+        // Handing the job over wakes the thread, which costs the caller a
+        // few µs: a task on the caller's own worker does it once the caller
+        // yields, after the source has written its answer.
+        match tokio::runtime::Handle::try_current() {
+            Ok(here) => {
+                let thread = thread.clone();
+                drop(here.spawn(async move {
+                    drop(thread.spawn(job));
+                }));
+            }
+            Err(_) => drop(thread.spawn(job)),
+        }
     }
 }
 

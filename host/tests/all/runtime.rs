@@ -575,6 +575,21 @@ async fn instances_prepared_ahead_are_taken_by_messages_and_never_reused() {
     assert_eq!(sent[0].0, "orders");
 }
 
+#[tokio::test]
+async fn work_ahead_waits_until_the_invoking_task_yields() {
+    // The hand-off wakes a thread; the source's answer goes out first.
+    let rt = runtime_with(small_limits());
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    wait_for_prepared(&module, 2).await;
+    let outcome = rt.consume(&module, &message("m", b"count"), Arc::new(NoOutbound)).await;
+    assert_eq!(retry_reason(outcome), "calls=1");
+    // Holds this single-threaded executor without yielding: ample time for
+    // the work-ahead thread to refill, had the job been handed over.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(module.prepared_instances(), 1, "work ahead began before the invoking task yielded");
+    wait_for_prepared(&module, 2).await;
+}
+
 async fn wait_for_prepared(module: &wasm_pc::runtime::ConsumerModule, n: usize) {
     for _ in 0..500 {
         if module.prepared_instances() == n {
