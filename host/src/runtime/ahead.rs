@@ -10,13 +10,13 @@
 //! A message still never runs on an instance that ran another message.
 //!
 //! That pays only with a core to spare, so the thread runs at idle priority
-//! (`SCHED_IDLE`: only when a core has nothing else to run) and takes one
-//! job at a time, and only from an invocation that finishes with no other
-//! running (waking the thread costs a few µs: under load that is more than
-//! it saves; the embedded bench lost 10–15 % before this rule). While it is
-//! busy or starved, or other invocations run, an invocation drops its store
-//! inline and prepares nothing, as without it, so under load the work is
-//! neither queued nor moved. (If it is preempted
+//! (`SCHED_IDLE`: only when a core has nothing else to run), holds at most
+//! [`MAX_JOBS`] jobs, and takes them only from an invocation that finishes
+//! with no other running (waking the thread costs a few µs: under load that
+//! is more than it saves; the embedded bench lost 10–15 % before this rule).
+//! While it is full or starved, or other invocations run, an invocation
+//! drops its store inline and prepares nothing, as without it, so under load
+//! the work does not pile up. (If it is preempted
 //! holding one of the pool's short locks, a worker that waits on that lock
 //! leaves its core idle, which is what lets the thread run and release it.)
 //! Each module keeps at most its target of prepared instances, and the pool
@@ -24,26 +24,34 @@
 //! `max_concurrent`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::Module;
 use super::state::GuestContext;
 use super::stores::Stores;
 use super::warm::{Lease, Linked, Warm};
 
-/// Pool slots added for work ahead: the store being dropped, and `prepared`
-/// instances for each of two worlds in two versions (a swap in progress).
+/// Jobs the thread holds at once, running or waiting. More than one: at
+/// concurrency 1 the next invocation often finishes while the thread is
+/// still on the last one's job (it runs only in the gaps a core leaves), and
+/// with one at most it reset its slot inline before answering and prepared
+/// nothing (a third of deliveries behind the Dapr route at concurrency 1).
+const MAX_JOBS: usize = 3;
+
+/// Pool slots added for work ahead: the stores being dropped, and
+/// `prepared` instances for each of two worlds in two versions (a swap in
+/// progress).
 pub(super) fn headroom(prepared: usize) -> u32 {
     if prepared == 0 {
         return 0;
     }
-    u32::try_from(prepared.saturating_mul(4).saturating_add(1)).unwrap_or(u32::MAX)
+    u32::try_from(prepared.saturating_mul(4).saturating_add(MAX_JOBS)).unwrap_or(u32::MAX)
 }
 
 /// The work-ahead thread.
 pub(super) struct Ahead {
-    /// Set while the thread has a job.
-    busy: Arc<AtomicBool>,
+    /// Jobs handed to the thread and not done yet.
+    jobs: Arc<AtomicUsize>,
     /// The thread's executor; `None` when disabled or the thread could not
     /// start, and then everything is done inline.
     thread: Option<tokio::runtime::Handle>,
@@ -56,17 +64,18 @@ impl Ahead {
     /// of it on the delivery path).
     pub fn start(enabled: bool) -> Self {
         let (thread, stop) = if enabled { start_thread().unzip() } else { (None, None) };
-        Ahead { busy: Arc::default(), thread, _stop: stop }
+        Ahead { jobs: Arc::default(), thread, _stop: stop }
     }
 
     /// Drops `spent` and prepares what `refill` reserves, on the thread if
-    /// it is free, else drops `spent` now and prepares nothing.
+    /// it has room, else drops `spent` now and prepares nothing.
     pub fn after<P: Linked>(&self, spent: Option<Lease<P::Instance>>, refill: impl FnOnce() -> Option<Refill<P>>) {
         let Some(thread) = &self.thread else { return };
-        if self.busy.swap(true, Ordering::AcqRel) {
+        let Ok(held) = self.jobs.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_JOBS).then_some(n + 1))
+        else {
             return;
-        }
-        let idle = Idle(Arc::clone(&self.busy));
+        };
+        let done = Done(Arc::clone(&self.jobs));
         let refill = refill();
         if spent.is_none() && refill.is_none() {
             return;
@@ -76,8 +85,13 @@ impl Ahead {
             if let Some(refill) = refill {
                 refill.run().await;
             }
-            drop(idle);
+            drop(done);
         };
+        if held > 0 {
+            // The thread is awake with work: queueing behind it wakes nothing.
+            drop(thread.spawn(job));
+            return;
+        }
         // Handing the job over wakes the thread, which costs the caller a
         // few µs: a task on the caller's own worker does it once the caller
         // yields, after the source has written its answer.
@@ -93,12 +107,12 @@ impl Ahead {
     }
 }
 
-/// Marks the thread free again when its job is done or dropped.
-struct Idle(Arc<AtomicBool>);
+/// Counts a job out when it is done or dropped.
+struct Done(Arc<AtomicUsize>);
 
-impl Drop for Idle {
+impl Drop for Done {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

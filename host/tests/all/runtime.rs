@@ -590,6 +590,28 @@ async fn work_ahead_waits_until_the_invoking_task_yields() {
     wait_for_prepared(&module, 2).await;
 }
 
+#[tokio::test]
+async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_work_over() {
+    let rt = runtime_with(small_limits());
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    wait_for_prepared(&module, 2).await;
+    // Neither call yields to this executor, so the first one's job is not
+    // handed over yet when the second finishes.
+    for i in 0..2 {
+        let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
+        assert_eq!(retry_reason(outcome), "calls=1");
+    }
+    assert_eq!(module.prepared_instances(), 0);
+    // The second one's job goes to the thread, already woken or not, and
+    // prepares an instance without this task yielding.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while module.prepared_instances() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(module.prepared_instances(), 1, "the second invocation's work was not handed over");
+    wait_for_prepared(&module, 2).await;
+}
+
 async fn wait_for_prepared(module: &wasm_pc::runtime::ConsumerModule, n: usize) {
     for _ in 0..500 {
         if module.prepared_instances() == n {
