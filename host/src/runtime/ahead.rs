@@ -67,6 +67,11 @@ impl Ahead {
         Ahead { jobs: Arc::default(), thread, _stop: stop }
     }
 
+    /// Jobs handed to the thread and not done yet.
+    pub fn jobs(&self) -> usize {
+        self.jobs.load(Ordering::Acquire)
+    }
+
     /// Drops `spent` and prepares what `refill` reserves, on the thread if
     /// it has room, else drops `spent` now and prepares nothing.
     pub fn after<P: Linked>(&self, spent: Option<Lease<P::Instance>>, refill: impl FnOnce() -> Option<Refill<P>>) {

@@ -255,6 +255,11 @@ impl Runtime {
             ),
             ("pool_memories", "Linear memories in use in the instance pool.", n(pool.memories())),
             (
+                "pool_work_ahead_jobs",
+                "Jobs the work-ahead thread holds, running or waiting: spent instances to drop, instances to prepare.",
+                n(self.ahead.jobs()),
+            ),
+            (
                 "pool_unused_warm_memories",
                 "Idle instance pool slots that were used before.",
                 u64::from(pool.unused_warm_memories()),

@@ -580,7 +580,7 @@ async fn work_ahead_waits_until_the_invoking_task_yields() {
     // The hand-off wakes a thread; the source's answer goes out first.
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
-    wait_for_prepared(&module, 2).await;
+    wait_for_work_ahead(&rt, &module).await;
     let outcome = rt.consume(&module, &message("m", b"count"), Arc::new(NoOutbound)).await;
     assert_eq!(retry_reason(outcome), "calls=1");
     // Holds this single-threaded executor without yielding: ample time for
@@ -594,7 +594,7 @@ async fn work_ahead_waits_until_the_invoking_task_yields() {
 async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_work_over() {
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
-    wait_for_prepared(&module, 2).await;
+    wait_for_work_ahead(&rt, &module).await;
     // Neither call yields to this executor, so the first one's job is not
     // handed over yet when the second finishes.
     for i in 0..2 {
@@ -610,6 +610,20 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
     }
     assert_eq!(module.prepared_instances(), 1, "the second invocation's work was not handed over");
     wait_for_prepared(&module, 2).await;
+}
+
+/// Until the module has its 2 prepared instances and the work-ahead thread
+/// has no job left (it counts a job out just after its last instance).
+async fn wait_for_work_ahead(rt: &Runtime, module: &wasm_pc::runtime::ConsumerModule) {
+    let jobs = || rt.pool_gauges().into_iter().find(|g| g.0 == "pool_work_ahead_jobs").map(|g| g.2);
+    wait_for_prepared(module, 2).await;
+    for _ in 0..500 {
+        if jobs() == Some(0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("the work-ahead thread still holds {:?} jobs", jobs());
 }
 
 async fn wait_for_prepared(module: &wasm_pc::runtime::ConsumerModule, n: usize) {
