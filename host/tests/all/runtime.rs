@@ -601,9 +601,9 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
         let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
         assert_eq!(retry_reason(outcome), "calls=1");
     }
-    assert_eq!(module.prepared_instances(), 0);
-    // The second one's job goes to the thread, already woken or not, and
-    // prepares an instance without this task yielding.
+    // Both took a prepared instance. The second one's job goes to the
+    // thread, already woken or not, and prepares one without this task
+    // yielding (it may have done so already).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while module.prepared_instances() == 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
