@@ -93,7 +93,8 @@ impl Ahead {
             drop(done);
         };
         if held > 0 {
-            // The thread is awake with work: queueing behind it wakes nothing.
+            // The thread has a job, so it is awake or about to be woken for
+            // it: queueing behind that job seldom wakes anything.
             drop(thread.spawn(job));
             return;
         }

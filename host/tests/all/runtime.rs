@@ -10,6 +10,7 @@ use wasm_pc::runtime::{
 };
 
 use crate::guests;
+use crate::sidecar::eventually;
 
 fn runtime_with(limits: Limits) -> Runtime {
     Runtime::new(RuntimeOptions { limits, ..RuntimeOptions::default() }).unwrap()
@@ -546,11 +547,14 @@ async fn every_message_gets_a_fresh_instance_by_default() {
 
 #[test]
 fn metrics_say_how_pool_slots_are_reset() {
-    let gauge = |rt: &Runtime| rt.pool_gauges().into_iter().find(|g| g.0 == "pool_pagemap_scan").map(|g| g.2);
     let off = RuntimeOptions { limits: small_limits(), pagemap_scan: false, ..RuntimeOptions::default() };
-    assert_eq!(gauge(&Runtime::new(off).unwrap()), Some(0));
+    assert_eq!(pool_gauge(&Runtime::new(off).unwrap(), "pool_pagemap_scan"), Some(0));
     let available = wasmtime::PoolingAllocationConfig::is_pagemap_scan_available();
-    assert_eq!(gauge(&runtime_with(small_limits())), Some(u64::from(available)));
+    assert_eq!(pool_gauge(&runtime_with(small_limits()), "pool_pagemap_scan"), Some(u64::from(available)));
+}
+
+fn pool_gauge(rt: &Runtime, name: &str) -> Option<u64> {
+    rt.pool_gauges().into_iter().find(|g| g.0 == name).map(|g| g.2)
 }
 
 #[tokio::test]
@@ -604,8 +608,8 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
     // Both took a prepared instance. The second one's job goes to the
     // thread, already woken or not, and prepares one without this task
     // yielding (it may have done so already).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while module.prepared_instances() == 0 && std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while module.prepared_instances() == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(module.prepared_instances(), 1, "the second invocation's work was not handed over");
@@ -614,16 +618,12 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
 
 /// Until the module has its 2 prepared instances and the work-ahead thread
 /// has no job left (it counts a job out just after its last instance).
-async fn wait_for_work_ahead(rt: &Runtime, module: &wasm_pc::runtime::ConsumerModule) {
-    let jobs = || rt.pool_gauges().into_iter().find(|g| g.0 == "pool_work_ahead_jobs").map(|g| g.2);
+async fn wait_for_work_ahead(rt: &Runtime, module: &ConsumerModule) {
     wait_for_prepared(module, 2).await;
-    for _ in 0..500 {
-        if jobs() == Some(0) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    panic!("the work-ahead thread still holds {:?} jobs", jobs());
+    eventually(Duration::from_secs(1), "the work-ahead thread to hold no job", || {
+        pool_gauge(rt, "pool_work_ahead_jobs") == Some(0)
+    })
+    .await;
 }
 
 async fn wait_for_prepared(module: &wasm_pc::runtime::ConsumerModule, n: usize) {
