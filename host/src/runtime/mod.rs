@@ -3,8 +3,8 @@
 //!
 //! Every invocation gets a fresh `Store` and instance from a pre-linked
 //! `InstancePre`, so no state leaks between messages; the pooling allocator
-//! keeps that cheap, and while a core is spare the next instance is made,
-//! and the last one dropped, off the delivery path (see [`ahead`]). A
+//! keeps that cheap, and between deliveries the next instance is made, and
+//! the last one dropped, after the answer (see [`ahead`]). A
 //! deployment may opt into reusing instances that returned normally (see
 //! [`warm`]). Wall time is bounded by epoch interruption (a ticker
 //! thread bumps the epoch; the store yields to tokio each tick and traps at its
@@ -223,7 +223,7 @@ impl Runtime {
         spawn_epoch_ticker(&engine);
         Ok(Runtime {
             stores: Stores::new(engine.clone(), limits),
-            ahead: Ahead::start(options.prepared_instances > 0),
+            ahead: Ahead::new(options.prepared_instances > 0),
             prepared_instances: options.prepared_instances,
             in_flight: AtomicU32::new(0),
             engine,
@@ -256,7 +256,7 @@ impl Runtime {
             ("pool_memories", "Linear memories in use in the instance pool.", n(pool.memories())),
             (
                 "pool_work_ahead_jobs",
-                "Jobs the work-ahead thread holds, running or waiting: spent instances to drop, instances to prepare.",
+                "Work-ahead jobs pending or running: spent instances to drop, instances to prepare.",
                 n(self.ahead.jobs()),
             ),
             (
@@ -446,8 +446,8 @@ impl Runtime {
         let reused = lease.reused();
         let spent = lease.store.data().time_spent(self.limits.timeout);
         let spent_lease = if matches!(result, Ok(Ok(_))) { module.warm.give_back(lease) } else { Some(lease) };
-        // Other invocations running: the host is busy, and waking the
-        // work-ahead thread would cost more than it saves.
+        // Other invocations running: no idle time for the work to hide in,
+        // and the next delivery may already be waiting for this worker.
         if self.in_flight.load(Ordering::Acquire) > 1 {
             drop(spent_lease);
         } else {

@@ -581,14 +581,14 @@ async fn instances_prepared_ahead_are_taken_by_messages_and_never_reused() {
 
 #[tokio::test]
 async fn work_ahead_waits_until_the_invoking_task_yields() {
-    // The hand-off wakes a thread; the source's answer goes out first.
+    // The source's answer goes out before any of the work is done.
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     wait_for_work_ahead(&rt, &module).await;
     let outcome = rt.consume(&module, &message("m", b"count"), Arc::new(NoOutbound)).await;
     assert_eq!(retry_reason(outcome), "calls=1");
-    // Holds this single-threaded executor without yielding: ample time for
-    // the work-ahead thread to refill, had the job been handed over.
+    // Holds this single-threaded executor without yielding: ample time to
+    // refill, had the job run anywhere but behind this task.
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(module.prepared_instances(), 1, "work ahead began before the invoking task yielded");
     wait_for_prepared(&module, 2).await;
@@ -599,28 +599,24 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     wait_for_work_ahead(&rt, &module).await;
-    // Neither call yields to this executor, so the first one's job is not
-    // handed over yet when the second finishes.
+    // Neither call yields to this executor, so the first one's job is still
+    // pending when the second finishes.
     for i in 0..2 {
         let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
         assert_eq!(retry_reason(outcome), "calls=1");
     }
-    // Both took a prepared instance. The second one's job goes to the
-    // thread, already woken or not, and prepares one without this task
-    // yielding (it may have done so already).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while module.prepared_instances() == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(module.prepared_instances(), 1, "the second invocation's work was not handed over");
-    wait_for_prepared(&module, 2).await;
+    assert_eq!(module.prepared_instances(), 0, "both calls took a prepared instance");
+    assert_eq!(pool_gauge(&rt, "pool_work_ahead_jobs"), Some(2), "the second invocation's work was not taken");
+    // Each job prepares the one its invocation took; had the second been
+    // turned away, one would be missing until the next delivery.
+    wait_for_work_ahead(&rt, &module).await;
 }
 
-/// Until the module has its 2 prepared instances and the work-ahead thread
-/// has no job left (it counts a job out just after its last instance).
+/// Until the module has its 2 prepared instances and no work-ahead job is
+/// left (a job is counted out just after its last instance).
 async fn wait_for_work_ahead(rt: &Runtime, module: &ConsumerModule) {
     wait_for_prepared(module, 2).await;
-    eventually(Duration::from_secs(1), "the work-ahead thread to hold no job", || {
+    eventually(Duration::from_secs(1), "no work-ahead job to be left", || {
         pool_gauge(rt, "pool_work_ahead_jobs") == Some(0)
     })
     .await;
