@@ -46,12 +46,12 @@ fn main() {
     rt.block_on(async {
         let body = Bytes::from(order_of_about_1k());
         let servers = [
-            ("native hyper handler".to_string(), start_native().await),
-            ("wasm-pc, fresh, none ahead".to_string(), start_wasm_host(NonZeroU32::MIN, 0).await),
-            ("wasm-pc, fresh instances".to_string(), start_wasm_host(NonZeroU32::MIN, 2).await),
-            (format!("wasm-pc, reuse {reuse}"), start_wasm_host(reuse, 2).await),
+            ("native hyper handler".to_string(), start_native().await, None),
+            wasm_host("wasm-pc, fresh, none ahead".to_string(), NonZeroU32::MIN, 0).await,
+            wasm_host("wasm-pc, fresh instances".to_string(), NonZeroU32::MIN, 2).await,
+            wasm_host(format!("wasm-pc, reuse {reuse}"), reuse, 2).await,
         ];
-        for (_, port) in &servers {
+        for (_, port, _) in &servers {
             load(*port, &body, 4_000, CONNECTIONS).await;
         }
         if !only_sequential {
@@ -62,10 +62,10 @@ fn main() {
 }
 
 /// Many connections at once: the better of two interleaved runs each, by req/s.
-async fn throughput(servers: &[(String, u16)], body: &Bytes, requests: usize) {
+async fn throughput(servers: &[Server], body: &Bytes, requests: usize) {
     let mut best: Vec<Option<Run>> = servers.iter().map(|_| None).collect();
     for _ in 0..2 {
-        for (i, (_, port)) in servers.iter().enumerate() {
+        for (i, (_, port, _)) in servers.iter().enumerate() {
             let r = load(*port, body, requests, CONNECTIONS).await;
             if best[i].as_ref().is_none_or(|b| r.rps > b.rps) {
                 best[i] = Some(r);
@@ -74,7 +74,7 @@ async fn throughput(servers: &[(String, u16)], body: &Bytes, requests: usize) {
     }
     let runs: Vec<Run> = best.into_iter().map(Option::unwrap).collect();
     println!("body {} bytes, {requests} requests, {CONNECTIONS} connections", body.len());
-    for ((name, _), r) in servers.iter().zip(&runs) {
+    for ((name, _, _), r) in servers.iter().zip(&runs) {
         println!(
             "{name:<26} {:>8.0} req/s  p50 {:>6.0}us  p99 {:>6.0}us  {:>3.0}% of native",
             r.rps,
@@ -87,10 +87,11 @@ async fn throughput(servers: &[(String, u16)], body: &Bytes, requests: usize) {
 
 /// One at a time, as a sequential binding drives the route: the better of
 /// two interleaved runs each, by p50.
-async fn sequential(servers: &[(String, u16)], body: &Bytes, requests: usize) {
+async fn sequential(servers: &[Server], body: &Bytes, requests: usize) {
+    let before: Vec<_> = servers.iter().map(|(_, _, rt)| origins(rt.as_deref())).collect();
     let mut best: Vec<Option<Run>> = servers.iter().map(|_| None).collect();
     for _ in 0..2 {
-        for (i, (_, port)) in servers.iter().enumerate() {
+        for (i, (_, port, _)) in servers.iter().enumerate() {
             let r = load(*port, body, requests, 1).await;
             if best[i].as_ref().is_none_or(|b| r.p50 < b.p50) {
                 best[i] = Some(r);
@@ -99,7 +100,7 @@ async fn sequential(servers: &[(String, u16)], body: &Bytes, requests: usize) {
     }
     let runs: Vec<Run> = best.into_iter().map(Option::unwrap).collect();
     println!("concurrency 1, {requests} requests");
-    for ((name, _), r) in servers.iter().zip(&runs) {
+    for ((name, _, _), r) in servers.iter().zip(&runs) {
         println!(
             "{name:<26} p50 {:>6.1}us  p99 {:>6.1}us  p50 +{:>5.1}us over native",
             r.p50.as_secs_f64() * 1e6,
@@ -107,6 +108,34 @@ async fn sequential(servers: &[(String, u16)], body: &Bytes, requests: usize) {
             (r.p50.as_secs_f64() - runs[0].p50.as_secs_f64()) * 1e6
         );
     }
+    // Where each delivery's instance came from, over both rounds: how often
+    // work ahead had it ready.
+    for ((name, _, rt), before) in servers.iter().zip(before) {
+        let after = origins(rt.as_deref());
+        if rt.is_some() {
+            let [reused, prepared, inline] = std::array::from_fn(|i| after[i] - before[i]);
+            println!("{name:<26} instances: {prepared} prepared, {inline} made inline, {reused} reused");
+        }
+    }
+}
+
+/// A server's name, port, and the runtime behind it (none for native).
+type Server = (String, u16, Option<Arc<Runtime>>);
+
+/// Invocations on a reused, a prepared and an inline-made instance so far.
+fn origins(runtime: Option<&Runtime>) -> [u64; 3] {
+    let counters = runtime.map(Runtime::instance_counters).unwrap_or_default();
+    let count = |name: &str| counters.iter().find(|c| c.0 == name).map_or(0, |c| c.2);
+    [
+        count("invocations_reused_instance_total"),
+        count("invocations_prepared_instance_total"),
+        count("invocations_instantiated_inline_total"),
+    ]
+}
+
+async fn wasm_host(name: String, instance_reuse: NonZeroU32, prepared_instances: usize) -> Server {
+    let (port, runtime) = start_wasm_host(instance_reuse, prepared_instances).await;
+    (name, port, Some(runtime))
 }
 
 fn order_of_about_1k() -> Vec<u8> {
@@ -119,7 +148,7 @@ fn order_of_about_1k() -> Vec<u8> {
     serde_json::to_vec(&order).unwrap()
 }
 
-async fn start_wasm_host(instance_reuse: NonZeroU32, prepared_instances: usize) -> u16 {
+async fn start_wasm_host(instance_reuse: NonZeroU32, prepared_instances: usize) -> (u16, Arc<Runtime>) {
     // `BENCH_NO_PAGEMAP=1`: reset slots as a kernel without PAGEMAP_SCAN must.
     let pagemap_scan = std::env::var_os("BENCH_NO_PAGEMAP").is_none();
     let runtime = Arc::new(
@@ -129,8 +158,13 @@ async fn start_wasm_host(instance_reuse: NonZeroU32, prepared_instances: usize) 
     let consumer = runtime.load_consumer(ModuleSpec::new("consumer", common::module("consumer.wasm"))).unwrap();
     let metrics = Arc::new(Metrics::default());
     let outbound = Arc::new(DaprOutbound::new(DaprClient::new(1, None, RetryPolicy::default()), metrics.clone()));
-    let dispatcher =
-        Arc::new(Dispatcher::new(runtime, outbound.clone(), Some(Arc::new(Slot::new(consumer))), None, metrics));
+    let dispatcher = Arc::new(Dispatcher::new(
+        Arc::clone(&runtime),
+        outbound.clone(),
+        Some(Arc::new(Slot::new(consumer))),
+        None,
+        metrics,
+    ));
     let options = BindingOptions {
         route: "/orders".into(),
         app_token: None,
@@ -146,7 +180,7 @@ async fn start_wasm_host(instance_reuse: NonZeroU32, prepared_instances: usize) 
     std::mem::forget(_stop);
     let handler = move |req| Arc::clone(&binding).handle(Arc::clone(&dispatcher), req);
     tokio::spawn(wasm_pc::http::serve(listener, handler, stopped, Duration::from_secs(1), Default::default()));
-    port
+    (port, runtime)
 }
 
 /// The consumer's logic as a plain Rust handler: same decoding, same parsing,

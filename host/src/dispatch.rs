@@ -162,6 +162,12 @@ impl Dispatcher {
         self.runtime.pool_gauges()
     }
 
+    /// Invocations by where their instance came from (see
+    /// [`Runtime::instance_counters`]).
+    pub fn instance_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.runtime.instance_counters()
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

@@ -240,7 +240,8 @@ impl Router {
                     gauges.extend(Arc::clone(source).gauges().await);
                 }
                 let modules = host.dispatcher.live_modules();
-                return http::text(StatusCode::OK, host.metrics().render(&modules, &gauges));
+                let counters = host.dispatcher.instance_counters();
+                return http::text(StatusCode::OK, host.metrics().render(&modules, &counters, &gauges));
             }
             (_, "/healthz" | "/readyz" | "/metrics") => {
                 return http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET");

@@ -136,7 +136,12 @@ impl Metrics {
 
     /// Prometheus text exposition; `modules` are `(role, label)` pairs shown
     /// as an info metric so dashboards see which version is live.
-    pub fn render(&self, modules: &[(&str, String)], extra: &[(&str, &str, u64)]) -> String {
+    pub fn render(
+        &self,
+        modules: &[(&str, String)],
+        extra_counters: &[(&str, &str, u64)],
+        extra: &[(&str, &str, u64)],
+    ) -> String {
         let s = self.snapshot();
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
@@ -159,6 +164,9 @@ impl Metrics {
         counter("locks_lost_total", "Settlements refused because the lock had expired.", s.locks_lost);
         counter("module_reloads_total", "Module versions that went live.", s.reloads);
         counter("module_reload_failures_total", "Module versions refused.", s.reload_failures);
+        for (name, help, value) in extra_counters {
+            counter(name, help, *value);
+        }
         let _ = writeln!(
             out,
             "# HELP wasm_pc_delivery_seconds Time from receipt to acknowledgement.\n# TYPE wasm_pc_delivery_seconds summary\n\

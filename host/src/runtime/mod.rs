@@ -26,7 +26,7 @@ mod warm;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
@@ -43,7 +43,7 @@ use bindings::{ConsumerPre, ProducerPre};
 use state::GuestContext;
 use stores::Stores;
 pub use warm::Linked;
-use warm::{IdleList, Lease, Registry, Warm};
+use warm::{IdleList, Lease, Origin, Registry, Warm};
 
 use crate::runtime::outbound::Outbound;
 
@@ -146,6 +146,8 @@ pub struct Runtime {
     /// Invocations running now; the pool has headroom beyond
     /// `max_concurrent` for work ahead, so this is what holds the limit.
     in_flight: AtomicU32,
+    /// Invocations counted by where their instance came from.
+    origins: Origins,
     cache: Option<ArtifactCache>,
     max_module_bytes: usize,
     instance_reuse: NonZeroU32,
@@ -226,6 +228,7 @@ impl Runtime {
             ahead: Ahead::new(options.prepared_instances > 0),
             prepared_instances: options.prepared_instances,
             in_flight: AtomicU32::new(0),
+            origins: Origins::default(),
             engine,
             linker,
             limits,
@@ -268,6 +271,29 @@ impl Runtime {
                 "pool_unused_memory_bytes_resident",
                 "Bytes of linear memory idle pool slots keep resident.",
                 n(pool.unused_memory_bytes_resident()),
+            ),
+        ]
+    }
+
+    /// Invocations by where their instance came from, for `/metrics`: how
+    /// often work ahead had the instance ready.
+    pub fn instance_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let o = &self.origins;
+        vec![
+            (
+                "invocations_reused_instance_total",
+                "Invocations on an instance that had served before (--instance-reuse).",
+                o.reused.load(Ordering::Relaxed),
+            ),
+            (
+                "invocations_prepared_instance_total",
+                "Invocations on a fresh instance prepared ahead of them.",
+                o.prepared.load(Ordering::Relaxed),
+            ),
+            (
+                "invocations_instantiated_inline_total",
+                "Invocations that made their instance on the delivery path (none prepared, or under load).",
+                o.inline.load(Ordering::Relaxed),
             ),
         ]
     }
@@ -374,6 +400,17 @@ impl Runtime {
     /// allows, else one prepared ahead, else a fresh store. Its deadline
     /// starts now.
     fn lease<P: Linked>(&self, module: &Module<P>, outbound: Arc<dyn Outbound>) -> Lease<P::Instance> {
+        let lease = self.take_lease(module, outbound);
+        let origin = match lease.origin() {
+            Origin::Reused => &self.origins.reused,
+            Origin::Prepared => &self.origins.prepared,
+            Origin::Inline => &self.origins.inline,
+        };
+        origin.fetch_add(1, Ordering::Relaxed);
+        lease
+    }
+
+    fn take_lease<P: Linked>(&self, module: &Module<P>, outbound: Arc<dyn Outbound>) -> Lease<P::Instance> {
         match module.warm.take() {
             Some(mut lease) => {
                 self.stores.begin(&mut lease.store, outbound);
@@ -602,6 +639,14 @@ impl std::fmt::Display for TimeSpent {
             None => write!(f, "the {:?} time limit ran out in guest code", self.limit),
         }
     }
+}
+
+/// Invocations counted by [`Origin`].
+#[derive(Default)]
+struct Origins {
+    reused: AtomicU64,
+    prepared: AtomicU64,
+    inline: AtomicU64,
 }
 
 fn spawn_epoch_ticker(engine: &Engine) {

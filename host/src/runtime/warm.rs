@@ -53,6 +53,17 @@ impl Linked for ProducerPre<HostState> {
     }
 }
 
+/// Where an invocation's instance comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// It served earlier invocations (instance reuse).
+    Reused,
+    /// Made ahead of the invocation, which is its first.
+    Prepared,
+    /// Made by the invocation itself, on the delivery path.
+    Inline,
+}
+
 /// A store for one invocation, with the instance it already holds when it
 /// was reused or prepared ahead.
 pub(super) struct Lease<I> {
@@ -77,6 +88,16 @@ impl<I> Lease<I> {
     /// Whether this invocation runs on an instance that served before.
     pub fn reused(&self) -> bool {
         self.uses > 1
+    }
+
+    /// Where this invocation's instance comes from; ask before
+    /// [`Lease::ready`], which makes one if there is none.
+    pub fn origin(&self) -> Origin {
+        match (&self.instance, self.reused()) {
+            (None, _) => Origin::Inline,
+            (Some(_), true) => Origin::Reused,
+            (Some(_), false) => Origin::Prepared,
+        }
     }
 
     /// The store and its instance, instantiating if it has none yet.

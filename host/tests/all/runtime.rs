@@ -612,6 +612,39 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
     wait_for_work_ahead(&rt, &module).await;
 }
 
+#[tokio::test]
+async fn metrics_count_where_each_invocations_instance_came_from() {
+    let count = |rt: &Runtime, name: &str| rt.instance_counters().into_iter().find(|c| c.0 == name).map(|c| c.2);
+    let rt = runtime_with(small_limits());
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    wait_for_work_ahead(&rt, &module).await;
+    // No yield between the calls: the two prepared instances go to the
+    // first two, and the third makes its own.
+    for i in 0..3 {
+        let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
+        assert_eq!(retry_reason(outcome), "calls=1");
+    }
+    assert_eq!(count(&rt, "invocations_prepared_instance_total"), Some(2));
+    assert_eq!(count(&rt, "invocations_instantiated_inline_total"), Some(1));
+    assert_eq!(count(&rt, "invocations_reused_instance_total"), Some(0));
+
+    let reuse = RuntimeOptions {
+        limits: small_limits(),
+        instance_reuse: std::num::NonZeroU32::new(3).unwrap(),
+        ..RuntimeOptions::default()
+    };
+    let rt = Runtime::new(reuse).unwrap();
+    let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
+    wait_for_work_ahead(&rt, &module).await;
+    for (i, calls) in ["calls=1", "calls=2"].into_iter().enumerate() {
+        let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
+        assert_eq!(retry_reason(outcome), calls);
+    }
+    assert_eq!(count(&rt, "invocations_prepared_instance_total"), Some(1));
+    assert_eq!(count(&rt, "invocations_reused_instance_total"), Some(1));
+    assert_eq!(count(&rt, "invocations_instantiated_inline_total"), Some(0));
+}
+
 /// Until the module has its 2 prepared instances and no work-ahead job is
 /// left (a job is counted out just after its last instance).
 async fn wait_for_work_ahead(rt: &Runtime, module: &ConsumerModule) {
