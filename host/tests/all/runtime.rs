@@ -16,6 +16,13 @@ fn runtime_with(limits: Limits) -> Runtime {
     Runtime::new(RuntimeOptions { limits, ..RuntimeOptions::default() }).unwrap()
 }
 
+/// Small limits, and each instance that returns normally serves up to `uses`
+/// messages.
+fn runtime_reusing(uses: u32) -> Runtime {
+    let instance_reuse = std::num::NonZeroU32::new(uses).unwrap();
+    Runtime::new(RuntimeOptions { limits: small_limits(), instance_reuse, ..RuntimeOptions::default() }).unwrap()
+}
+
 fn small_limits() -> Limits {
     Limits { timeout: Duration::from_millis(300), max_memory_bytes: 16 << 20, max_concurrent: 8, ..Limits::default() }
 }
@@ -599,12 +606,8 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     wait_for_work_ahead(&rt, &module).await;
-    // Neither call yields to this executor, so the first one's job is still
-    // pending when the second finishes.
-    for i in 0..2 {
-        let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
-        assert_eq!(retry_reason(outcome), "calls=1");
-    }
+    // The first call's job is still pending when the second finishes.
+    fresh_calls_without_yielding(&rt, &module, 2).await;
     assert_eq!(module.prepared_instances(), 0, "both calls took a prepared instance");
     assert_eq!(pool_gauge(&rt, "pool_work_ahead_jobs"), Some(2), "the second invocation's work was not taken");
     // Each job prepares the one its invocation took; had the second been
@@ -618,22 +621,14 @@ async fn metrics_count_where_each_invocations_instance_came_from() {
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     wait_for_work_ahead(&rt, &module).await;
-    // No yield between the calls: the two prepared instances go to the
-    // first two, and the third makes its own.
-    for i in 0..3 {
-        let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
-        assert_eq!(retry_reason(outcome), "calls=1");
-    }
+    // The two prepared instances go to the first two, and the third makes
+    // its own.
+    fresh_calls_without_yielding(&rt, &module, 3).await;
     assert_eq!(count(&rt, "invocations_prepared_instance_total"), Some(2));
     assert_eq!(count(&rt, "invocations_instantiated_inline_total"), Some(1));
     assert_eq!(count(&rt, "invocations_reused_instance_total"), Some(0));
 
-    let reuse = RuntimeOptions {
-        limits: small_limits(),
-        instance_reuse: std::num::NonZeroU32::new(3).unwrap(),
-        ..RuntimeOptions::default()
-    };
-    let rt = Runtime::new(reuse).unwrap();
+    let rt = runtime_reusing(3);
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     wait_for_work_ahead(&rt, &module).await;
     for (i, calls) in ["calls=1", "calls=2"].into_iter().enumerate() {
@@ -643,6 +638,15 @@ async fn metrics_count_where_each_invocations_instance_came_from() {
     assert_eq!(count(&rt, "invocations_prepared_instance_total"), Some(1));
     assert_eq!(count(&rt, "invocations_reused_instance_total"), Some(1));
     assert_eq!(count(&rt, "invocations_instantiated_inline_total"), Some(0));
+}
+
+/// `n` deliveries in a row, none of them yielding to this executor (so no
+/// work-ahead job runs in between), each on an instance no message had.
+async fn fresh_calls_without_yielding(rt: &Runtime, module: &ConsumerModule, n: usize) {
+    for i in 0..n {
+        let outcome = rt.consume(module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
+        assert_eq!(retry_reason(outcome), "calls=1", "call {i}");
+    }
 }
 
 /// Until the module has its 2 prepared instances and no work-ahead job is
@@ -667,12 +671,7 @@ async fn wait_for_prepared(module: &wasm_pc::runtime::ConsumerModule, n: usize) 
 
 #[tokio::test]
 async fn reuse_serves_n_messages_per_instance_and_drops_failed_instances() {
-    let options = RuntimeOptions {
-        limits: small_limits(),
-        instance_reuse: std::num::NonZeroU32::new(3).unwrap(),
-        ..RuntimeOptions::default()
-    };
-    let rt = Runtime::new(options).unwrap();
+    let rt = runtime_reusing(3);
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
     let mut seen = Vec::new();
@@ -759,12 +758,7 @@ async fn a_guest_built_without_std_imports_no_wasi_and_runs_fresh_and_reused() {
     assert!(!imports.is_empty() && imports.iter().all(|name| name.starts_with("wasm-pc:app/")), "{imports:?}");
 
     for reuse in [1, 100] {
-        let options = RuntimeOptions {
-            limits: small_limits(),
-            instance_reuse: std::num::NonZeroU32::new(reuse).unwrap(),
-            ..RuntimeOptions::default()
-        };
-        let rt = Runtime::new(options).unwrap();
+        let rt = runtime_reusing(reuse);
         let module = rt.load_consumer(ModuleSpec::new("minimal", bytes.clone())).unwrap();
         let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
         for i in 0..3 {
