@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use wasm_pc::dapr::{Binding, BindingOptions, DaprClient, DaprOutbound, RetryPolicy};
 use wasm_pc::dispatch::Source;
 use wasm_pc::dispatch::{Dispatcher, Slot};
-use wasm_pc::metrics::Metrics;
+use wasm_pc::metrics::{Metrics, Reading};
 use wasm_pc::runtime::{ModuleSpec, Runtime, RuntimeOptions};
 
 const CONNECTIONS: usize = 32;
@@ -124,8 +124,8 @@ type Server = (String, u16, Option<Arc<Runtime>>);
 
 /// Invocations on a reused, a prepared and an inline-made instance so far.
 fn origins(runtime: Option<&Runtime>) -> [u64; 3] {
-    let counters = runtime.map(Runtime::instance_counters).unwrap_or_default();
-    let count = |name: &str| counters.iter().find(|c| c.0 == name).map_or(0, |c| c.2);
+    let readings = runtime.map(Runtime::readings).unwrap_or_default();
+    let count = |name: &str| Reading::find(&readings, name).unwrap_or(0);
     [
         count("invocations_reused_instance_total"),
         count("invocations_prepared_instance_total"),

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+use wasm_pc::metrics::Reading;
 use wasm_pc::runtime::outbound::{Outbound, OutboundMessage, SendFuture};
 use wasm_pc::runtime::{Limits, Message, ModuleSpec, Runtime, RuntimeOptions};
 
@@ -89,7 +90,7 @@ fn run_case(case: usize, in_flight: usize, budget_mib: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let (mut peak, mut during) = (0, 0);
         loop {
-            let memories = runtime.pool_gauges().iter().find(|g| g.0 == "pool_memories").map(|g| g.2).unwrap_or(0);
+            let memories = Reading::find(&runtime.readings(), "pool_memories").unwrap_or(0);
             let held = if forwards { gate.waiting.load(Ordering::SeqCst) } else { memories as usize };
             if held >= peak {
                 (peak, during) = (held, rss().max(during));
@@ -105,8 +106,7 @@ fn run_case(case: usize, in_flight: usize, budget_mib: usize) {
             call.await.unwrap().unwrap().unwrap();
         }
         let after = rss();
-        let resident =
-            runtime.pool_gauges().iter().find(|g| g.0 == "pool_unused_memory_bytes_resident").map(|g| g.2).unwrap_or(0);
+        let resident = Reading::find(&runtime.readings(), "pool_unused_memory_bytes_resident").unwrap_or(0);
         println!(
             "| {name} | {budget_mib} MiB | {} MiB | {} MiB ({peak} at once) | {} MiB | {} MiB |",
             idle >> 20,

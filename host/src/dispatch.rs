@@ -20,7 +20,7 @@
 //!    with an [`Acknowledge`] that settles in the source's terms (a queue's
 //!    complete/abandon/dead-letter, an HTTP status) and says what really
 //!    became of the message.
-//! 2. Its readiness ([`Source::not_ready`]) and gauges ([`Source::gauges`]),
+//! 2. Its readiness ([`Source::not_ready`]) and gauges ([`Source::readings`]),
 //!    if it has any; the host adds them to `/readyz` and `/metrics`.
 //! 3. Its flags, in `cli/`, and one line where `dev` or `serve` picks the
 //!    sources it runs. The host ([`crate::host`]) does the rest.
@@ -34,7 +34,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reading};
 use crate::reply::Body;
 use crate::runtime::outbound::Outbound;
 use crate::runtime::{
@@ -85,9 +85,6 @@ impl Acknowledge for Report {
 /// A boxed future, for the object-safe [`Source`] trait.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// A named gauge a source reports: `(name, help, value)`.
-pub type Gauge = (&'static str, &'static str, u64);
-
 /// Where messages come from (see the module doc for how to add one).
 pub trait Source: Send + Sync + 'static {
     /// Its name, in logs.
@@ -120,8 +117,8 @@ pub trait Source: Send + Sync + 'static {
         None
     }
 
-    /// Gauges for `/metrics`.
-    fn gauges(self: Arc<Self>) -> BoxFuture<Vec<Gauge>> {
+    /// What it reports at `/metrics`.
+    fn readings(self: Arc<Self>) -> BoxFuture<Vec<Reading>> {
         Box::pin(async { Vec::new() })
     }
 }
@@ -157,15 +154,9 @@ impl Dispatcher {
         Dispatcher { runtime, outbound, consumer, producer, metrics }
     }
 
-    /// The instance pool's gauges (see [`Runtime::pool_gauges`]).
-    pub fn pool_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
-        self.runtime.pool_gauges()
-    }
-
-    /// Invocations by where their instance came from (see
-    /// [`Runtime::instance_counters`]).
-    pub fn instance_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        self.runtime.instance_counters()
+    /// The runtime's readings for `/metrics` (see [`Runtime::readings`]).
+    pub fn readings(&self) -> Vec<Reading> {
+        self.runtime.readings()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

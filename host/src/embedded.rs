@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, watch};
 
-use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Gauge, Settlement, Source};
+use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Settlement, Source};
 use crate::http::{self, Body};
 use crate::metrics::Metrics;
+use crate::metrics::Reading;
 use crate::queue::{NewMessage, QueueError, QueueHandle, Received, Settle, Settled};
 use crate::runtime::Message;
 use crate::runtime::outbound::{BatchFuture, Outbound, OutboundMessage, SendError, SendFuture};
@@ -455,13 +456,17 @@ impl Source for Pool {
         self.trouble.lock().ok().and_then(|t| t.clone())
     }
 
-    fn gauges(self: Arc<Self>) -> BoxFuture<Vec<Gauge>> {
+    fn readings(self: Arc<Self>) -> BoxFuture<Vec<Reading>> {
         Box::pin(async move {
             let depth = self.queue.depth(&self.options.queue).await.unwrap_or_default();
             vec![
-                ("queue_active_messages", "Messages visible in the queue.", depth.active),
-                ("queue_locked_messages", "Messages locked by a consumer.", depth.locked),
-                ("queue_dead_lettered_messages", "Messages in the dead-letter queue.", depth.dead_lettered),
+                Reading::gauge("queue_active_messages", "Messages visible in the queue.", depth.active),
+                Reading::gauge("queue_locked_messages", "Messages locked by a consumer.", depth.locked),
+                Reading::gauge(
+                    "queue_dead_lettered_messages",
+                    "Messages in the dead-letter queue.",
+                    depth.dead_lettered,
+                ),
             ]
         })
     }

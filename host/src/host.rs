@@ -235,13 +235,12 @@ impl Router {
                 return http::json(status, &body);
             }
             (&Method::GET, "/metrics") => {
-                let mut gauges = host.dispatcher.pool_gauges();
+                let mut readings = host.dispatcher.readings();
                 for source in &self.sources {
-                    gauges.extend(Arc::clone(source).gauges().await);
+                    readings.extend(Arc::clone(source).readings().await);
                 }
                 let modules = host.dispatcher.live_modules();
-                let counters = host.dispatcher.instance_counters();
-                return http::text(StatusCode::OK, host.metrics().render(&modules, &counters, &gauges));
+                return http::text(StatusCode::OK, host.metrics().render(&modules, &readings));
             }
             (_, "/healthz" | "/readyz" | "/metrics") => {
                 return http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET");

@@ -9,6 +9,49 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::runtime::FailureKind;
 use crate::settlement::Settlement;
 
+/// A value kept elsewhere (the instance pool, a source), read when
+/// `/metrics` is asked for; its kind says how Prometheus should treat it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    name: &'static str,
+    help: &'static str,
+    value: u64,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Reading {
+    /// A count that only goes up; its name ends in `_total`.
+    pub fn counter(name: &'static str, help: &'static str, value: u64) -> Self {
+        debug_assert!(name.ends_with("_total"), "a counter's name ends in _total: {name}");
+        Reading { name, help, value, kind: Kind::Counter }
+    }
+
+    /// A value that goes up and down.
+    pub fn gauge(name: &'static str, help: &'static str, value: u64) -> Self {
+        Reading { name, help, value, kind: Kind::Gauge }
+    }
+
+    /// The value of the reading named `name` (without `wasm_pc_`), if any.
+    pub fn find(readings: &[Reading], name: &str) -> Option<u64> {
+        readings.iter().find(|r| r.name == name).map(|r| r.value)
+    }
+
+    fn write(&self, out: &mut String) {
+        let (name, help, value) = (self.name, self.help, self.value);
+        let kind = match self.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let _ = writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} {kind}\nwasm_pc_{name} {value}");
+    }
+}
+
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -136,36 +179,29 @@ impl Metrics {
 
     /// Prometheus text exposition; `modules` are `(role, label)` pairs shown
     /// as an info metric so dashboards see which version is live.
-    pub fn render(
-        &self,
-        modules: &[(&str, String)],
-        extra_counters: &[(&str, &str, u64)],
-        extra: &[(&str, &str, u64)],
-    ) -> String {
+    pub fn render(&self, modules: &[(&str, String)], readings: &[Reading]) -> String {
         let s = self.snapshot();
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ =
-                writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} counter\nwasm_pc_{name} {value}");
-        };
-        counter("requests_total", "Requests handled by the producer.", s.requests);
-        counter("messages_sent_total", "Messages guests sent through outbound.", s.sent);
-        counter("messages_completed_total", "Deliveries acknowledged.", s.completed);
-        counter("messages_abandoned_total", "Deliveries given back for retry.", s.abandoned);
-        counter("messages_dead_lettered_total", "Deliveries dead-lettered.", s.dead_lettered);
-        counter("guest_traps_total", "Invocations ended by a trap.", s.traps);
-        counter("guest_timeouts_total", "Invocations ended by the time limit in guest code.", s.timeouts);
-        counter(
-            "host_call_timeouts_total",
-            "Invocations ended by the time limit while waiting on the host (a send).",
-            s.host_call_timeouts,
-        );
-        counter("guest_limits_total", "Invocations ended by a resource limit.", s.limits);
-        counter("locks_lost_total", "Settlements refused because the lock had expired.", s.locks_lost);
-        counter("module_reloads_total", "Module versions that went live.", s.reloads);
-        counter("module_reload_failures_total", "Module versions refused.", s.reload_failures);
-        for (name, help, value) in extra_counters {
-            counter(name, help, *value);
+        let counters = [
+            Reading::counter("requests_total", "Requests handled by the producer.", s.requests),
+            Reading::counter("messages_sent_total", "Messages guests sent through outbound.", s.sent),
+            Reading::counter("messages_completed_total", "Deliveries acknowledged.", s.completed),
+            Reading::counter("messages_abandoned_total", "Deliveries given back for retry.", s.abandoned),
+            Reading::counter("messages_dead_lettered_total", "Deliveries dead-lettered.", s.dead_lettered),
+            Reading::counter("guest_traps_total", "Invocations ended by a trap.", s.traps),
+            Reading::counter("guest_timeouts_total", "Invocations ended by the time limit in guest code.", s.timeouts),
+            Reading::counter(
+                "host_call_timeouts_total",
+                "Invocations ended by the time limit while waiting on the host (a send).",
+                s.host_call_timeouts,
+            ),
+            Reading::counter("guest_limits_total", "Invocations ended by a resource limit.", s.limits),
+            Reading::counter("locks_lost_total", "Settlements refused because the lock had expired.", s.locks_lost),
+            Reading::counter("module_reloads_total", "Module versions that went live.", s.reloads),
+            Reading::counter("module_reload_failures_total", "Module versions refused.", s.reload_failures),
+        ];
+        for reading in counters.iter().chain(readings.iter().filter(|r| r.kind == Kind::Counter)) {
+            reading.write(&mut out);
         }
         let _ = writeln!(
             out,
@@ -175,14 +211,11 @@ impl Metrics {
             s.deliveries
         );
         let gauges = [
-            ("in_flight", "Deliveries running now.", s.in_flight),
-            ("in_flight_peak", "Most deliveries that ran at once.", s.in_flight_peak),
+            Reading::gauge("in_flight", "Deliveries running now.", s.in_flight),
+            Reading::gauge("in_flight_peak", "Most deliveries that ran at once.", s.in_flight_peak),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} gauge\nwasm_pc_{name} {value}");
-        }
-        for (name, help, value) in extra {
-            let _ = writeln!(out, "# HELP wasm_pc_{name} {help}\n# TYPE wasm_pc_{name} gauge\nwasm_pc_{name} {value}");
+        for reading in gauges.iter().chain(readings.iter().filter(|r| r.kind == Kind::Gauge)) {
+            reading.write(&mut out);
         }
         let _ = writeln!(
             out,
@@ -196,5 +229,30 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_are_rendered_as_their_kind() {
+        let readings = [
+            Reading::gauge("queue_active_messages", "Visible.", 7),
+            Reading::counter("binding_probes_total", "Probes.", 2),
+        ];
+        let text = Metrics::default().render(&[("consumer", "c.wasm".into())], &readings);
+        assert!(
+            text.contains("# TYPE wasm_pc_queue_active_messages gauge\nwasm_pc_queue_active_messages 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE wasm_pc_binding_probes_total counter\nwasm_pc_binding_probes_total 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("wasm_pc_module_info{role=\"consumer\",module=\"c.wasm\"} 1"), "{text}");
+        assert_eq!(Reading::find(&readings, "binding_probes_total"), Some(2));
+        assert_eq!(Reading::find(&readings, "binding_probes"), None);
     }
 }

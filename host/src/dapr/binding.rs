@@ -23,8 +23,9 @@ use tokio::sync::Semaphore;
 use super::attempts::Attempts;
 use super::client::{DaprOutbound, TRACEPARENT};
 use super::codec;
-use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Gauge, Settlement, Source};
+use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Settlement, Source};
 use crate::http::{self, Body};
+use crate::metrics::Reading;
 use crate::runtime::Message;
 use crate::runtime::outbound::{Outbound, OutboundMessage};
 
@@ -201,11 +202,19 @@ impl Source for Binding {
         self.options.dead_letter_binding.as_ref().and_then(|_| self.outbound.not_ready())
     }
 
-    fn gauges(self: Arc<Self>) -> BoxFuture<Vec<Gauge>> {
+    fn readings(self: Arc<Self>) -> BoxFuture<Vec<Reading>> {
         Box::pin(async move {
             vec![
-                ("sidecar_ready", "1 when daprd's outbound API answers.", u64::from(self.outbound.sidecar_ready())),
-                ("binding_probes", "Subscription probes (OPTIONS) daprd sent.", self.probes.load(Ordering::Relaxed)),
+                Reading::gauge(
+                    "sidecar_ready",
+                    "1 when daprd's outbound API answers.",
+                    u64::from(self.outbound.sidecar_ready()),
+                ),
+                Reading::counter(
+                    "binding_probes_total",
+                    "Subscription probes (OPTIONS) daprd sent.",
+                    self.probes.load(Ordering::Relaxed),
+                ),
             ]
         })
     }

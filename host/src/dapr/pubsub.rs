@@ -24,8 +24,9 @@ use super::attempts::Attempts;
 use super::binding::{authorized, unauthorized};
 use super::client::TRACEPARENT;
 use super::cloudevent::{self, Event};
-use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Gauge, Settlement, Source};
+use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Settlement, Source};
 use crate::http::{self, Body};
+use crate::metrics::Reading;
 use crate::runtime::Message;
 
 /// How the subscription is set up.
@@ -251,9 +252,13 @@ impl Source for PubSub {
         })
     }
 
-    fn gauges(self: Arc<Self>) -> BoxFuture<Vec<Gauge>> {
+    fn readings(self: Arc<Self>) -> BoxFuture<Vec<Reading>> {
         Box::pin(async move {
-            vec![("subscription_requests", "Times daprd asked for subscriptions.", self.asked.load(Ordering::Relaxed))]
+            vec![Reading::counter(
+                "subscription_requests_total",
+                "Times daprd asked for subscriptions.",
+                self.asked.load(Ordering::Relaxed),
+            )]
         })
     }
 }

@@ -45,6 +45,7 @@ use stores::Stores;
 pub use warm::Linked;
 use warm::{IdleList, Lease, Origin, Registry, Warm};
 
+use crate::metrics::Reading;
 use crate::runtime::outbound::Outbound;
 
 /// How often the epoch advances: the granularity of timeouts, and how often a
@@ -244,58 +245,55 @@ impl Runtime {
         &self.engine
     }
 
-    /// The pooling allocator's slots, for `/metrics`: what idle slots keep
-    /// resident is the memory a burst leaves behind (`docs/BENCHMARKS.md`,
-    /// "Memory").
-    pub fn pool_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let Some(pool) = self.engine.pooling_allocator_metrics() else { return Vec::new() };
-        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
-        vec![
-            (
-                "pool_pagemap_scan",
-                "1 if pool slots are reset with PAGEMAP_SCAN (only dirtied pages), 0 if with memset and madvise.",
-                u64::from(self.pagemap_scan),
-            ),
-            ("pool_memories", "Linear memories in use in the instance pool.", n(pool.memories())),
-            (
-                "pool_work_ahead_jobs",
-                "Work-ahead jobs pending or running: spent instances to drop, instances to prepare.",
-                n(self.ahead.jobs()),
-            ),
-            (
-                "pool_unused_warm_memories",
-                "Idle instance pool slots that were used before.",
-                u64::from(pool.unused_warm_memories()),
-            ),
-            (
-                "pool_unused_memory_bytes_resident",
-                "Bytes of linear memory idle pool slots keep resident.",
-                n(pool.unused_memory_bytes_resident()),
-            ),
-        ]
-    }
-
-    /// Invocations by where their instance came from, for `/metrics`: how
-    /// often work ahead had the instance ready.
-    pub fn instance_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+    /// What the runtime reports at `/metrics`: the pooling allocator's
+    /// slots (what idle slots keep resident is the memory a burst leaves
+    /// behind, `docs/BENCHMARKS.md` "Memory"), and invocations by where
+    /// their instance came from (how often work ahead had it ready).
+    pub fn readings(&self) -> Vec<Reading> {
         let o = &self.origins;
-        vec![
-            (
+        let mut readings = vec![
+            Reading::counter(
                 "invocations_reused_instance_total",
                 "Invocations on an instance that had served before (--instance-reuse).",
                 o.reused.load(Ordering::Relaxed),
             ),
-            (
+            Reading::counter(
                 "invocations_prepared_instance_total",
                 "Invocations on a fresh instance prepared ahead of them.",
                 o.prepared.load(Ordering::Relaxed),
             ),
-            (
+            Reading::counter(
                 "invocations_instantiated_inline_total",
                 "Invocations that made their instance on the delivery path (none prepared, or under load).",
                 o.inline.load(Ordering::Relaxed),
             ),
-        ]
+        ];
+        let Some(pool) = self.engine.pooling_allocator_metrics() else { return readings };
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        readings.extend([
+            Reading::gauge(
+                "pool_pagemap_scan",
+                "1 if pool slots are reset with PAGEMAP_SCAN (only dirtied pages), 0 if with memset and madvise.",
+                u64::from(self.pagemap_scan),
+            ),
+            Reading::gauge("pool_memories", "Linear memories in use in the instance pool.", n(pool.memories())),
+            Reading::gauge(
+                "pool_work_ahead_jobs",
+                "Work-ahead jobs pending or running: spent instances to drop, instances to prepare.",
+                n(self.ahead.jobs()),
+            ),
+            Reading::gauge(
+                "pool_unused_warm_memories",
+                "Idle instance pool slots that were used before.",
+                u64::from(pool.unused_warm_memories()),
+            ),
+            Reading::gauge(
+                "pool_unused_memory_bytes_resident",
+                "Bytes of linear memory idle pool slots keep resident.",
+                n(pool.unused_memory_bytes_resident()),
+            ),
+        ]);
+        readings
     }
 
     pub fn limits(&self) -> Limits {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use wasm_pc::metrics::Reading;
 use wasm_pc::runtime::outbound::{NoOutbound, Outbound, Recorder};
 use wasm_pc::runtime::{
     CacheStatus, ConsumeError, ConsumerModule, FailureKind, Limits, LoadErrorKind, Message, ModuleSpec, ProducerModule,
@@ -561,7 +562,7 @@ fn metrics_say_how_pool_slots_are_reset() {
 }
 
 fn pool_gauge(rt: &Runtime, name: &str) -> Option<u64> {
-    rt.pool_gauges().into_iter().find(|g| g.0 == name).map(|g| g.2)
+    Reading::find(&rt.readings(), name)
 }
 
 #[tokio::test]
@@ -617,7 +618,7 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
 
 #[tokio::test]
 async fn metrics_count_where_each_invocations_instance_came_from() {
-    let count = |rt: &Runtime, name: &str| rt.instance_counters().into_iter().find(|c| c.0 == name).map(|c| c.2);
+    let count = |rt: &Runtime, name: &str| Reading::find(&rt.readings(), name);
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     wait_for_work_ahead(&rt, &module).await;

@@ -58,23 +58,29 @@ impl Proc {
         self.tail_of(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
+    /// Why it stopped comes first: CI's record of a long failure message
+    /// keeps its start and end and drops the middle.
     fn tail_of(&self, log: &str) -> String {
+        let fatal: Vec<&str> = log.lines().filter(|line| is_fatal(line)).collect();
         let mut tail: Vec<&str> = log.lines().rev().take(60).collect();
         tail.reverse();
-        format!("the end of {}:\n{}", self.log.display(), tail.join("\n"))
+        format!("its fatal lines:\n{}\nthe end of {}:\n{}", fatal.join("\n"), self.log.display(), tail.join("\n"))
     }
 
     /// Waits for daprd to exit after a SIGTERM; fails the test, with the end
     /// of its log, unless it exits 0 within `within`, or fails only as
     /// [`daprd_shutdown_race`] says daprd 1.18 sometimes does.
     pub fn daprd_exits(mut self, within: Duration) {
-        let deadline = Instant::now() + within;
+        let signalled = Instant::now();
+        let deadline = signalled + within;
         loop {
             match self.child.try_wait().unwrap() {
                 Some(status) if status.success() => return,
                 Some(status) => {
                     let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                    assert!(daprd_shutdown_race(&log), "daprd exited with {status}; {}", self.tail_of(&log));
+                    let after = signalled.elapsed();
+                    let tail = self.tail_of(&log);
+                    assert!(daprd_shutdown_race(&log), "daprd exited with {status} {after:?} after SIGTERM; {tail}");
                     eprintln!(
                         "daprd exited with {status}: its input-binding shutdown race (daprd's bug, not the app's)"
                     );
@@ -94,6 +100,11 @@ impl Proc {
     pub fn reap(&mut self) {
         let _ = self.child.wait();
     }
+}
+
+/// A line saying why daprd (or any Go program) stopped.
+fn is_fatal(line: &str) -> bool {
+    line.contains("level=fatal") || line.starts_with("panic: ") || line.starts_with("fatal error: ")
 }
 
 /// daprd 1.18 fails two ways on SIGTERM when a delivery is in flight as it

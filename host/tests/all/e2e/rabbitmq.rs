@@ -208,7 +208,10 @@ fn real_daprd_and_rabbitmq_end_to_end() {
     }
     assert!(done.contains_key("o-0-0"), "the flaky order succeeded after its retries");
     let metrics = consumer.metrics();
-    assert!(metrics.contains("wasm_pc_binding_probes 1"), "daprd's OPTIONS probe subscribed the binding:\n{metrics}");
+    assert!(
+        metrics.contains("wasm_pc_binding_probes_total 1"),
+        "daprd's OPTIONS probe subscribed the binding:\n{metrics}"
+    );
     assert!(metrics.contains("wasm_pc_messages_abandoned_total 2"), "the flaky order was refused twice:\n{metrics}");
     assert!(!done.contains_key("o-0-1"), "the poison order was not processed");
     println!(
@@ -552,7 +555,7 @@ fn real_daprd_pubsub_on_rabbitmq() {
         App::start(&daprd, "consumer", root, &["--pubsub", "bus", "--topic", "orders", "--consumer-config", config]);
     // The subscriber's queue exists once daprd subscribed: publish after that.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !consumer.metrics().contains("wasm_pc_subscription_requests 1") {
+    while !consumer.metrics().contains("wasm_pc_subscription_requests_total 1") {
         assert!(Instant::now() < deadline, "daprd never asked for subscriptions:\n{}", consumer.metrics());
         std::thread::sleep(Duration::from_millis(100));
     }
