@@ -205,7 +205,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let (stop_watch, watching) = watch::channel(false);
     let sidecar = tokio::spawn(Arc::clone(&outbound).watch(watching));
-    host.run(listener, sources, shutdown_signal()).await?;
+    let stop = async {
+        shutdown_signal().await;
+        outbound.client().let_go_of_idle_connections();
+    };
+    host.run(listener, sources, stop).await?;
     let _ = stop_watch.send(true);
     let _ = sidecar.await;
     Ok(ExitCode::SUCCESS)

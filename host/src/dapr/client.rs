@@ -8,10 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::codec;
+use super::connections::SidecarConnections;
 use crate::metrics::Metrics;
 use crate::runtime::outbound::{Outbound, OutboundMessage, SendError, SendFuture};
 
@@ -78,20 +77,21 @@ impl From<BindingError> for SendError {
 pub struct DaprClient {
     base: String,
     token: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Arc<SidecarConnections>,
     retry: RetryPolicy,
 }
 
 impl DaprClient {
     /// `port` is `DAPR_HTTP_PORT`; `token` is `DAPR_API_TOKEN`, if set.
     pub fn new(port: u16, token: Option<String>, retry: RetryPolicy) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let http = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        DaprClient { base: format!("http://127.0.0.1:{port}"), token: token.filter(|t| !t.is_empty()), http, retry }
+        let (base, token) = (format!("http://127.0.0.1:{port}"), token.filter(|t| !t.is_empty()));
+        DaprClient { base, token, http: Arc::new(SidecarConnections::new()), retry }
+    }
+
+    /// At the stop signal: closes idle connections to daprd and pools no
+    /// more (see [`super::connections`] for why daprd needs it).
+    pub fn let_go_of_idle_connections(&self) {
+        self.http.let_go();
     }
 
     /// One probe of `GET /v1.0/healthz/outbound`: 204 once components are
@@ -99,7 +99,7 @@ impl DaprClient {
     async fn outbound_ready(&self) -> bool {
         let request = hyper::Request::get(format!("{}/v1.0/healthz/outbound", self.base)).body(Full::new(Bytes::new()));
         let Ok(request) = request else { return false };
-        match tokio::time::timeout(Duration::from_secs(2), self.http.request(request)).await {
+        match tokio::time::timeout(Duration::from_secs(2), self.http.client().request(request)).await {
             Ok(Ok(response)) => response.status().is_success(),
             _ => false,
         }
@@ -181,7 +181,8 @@ impl DaprClient {
         // The whole answer, body included: one broken off midway is not a
         // success, whatever its status line said.
         let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| BindingError::Unreachable(e.to_string()))?;
+            let response =
+                self.http.client().request(request).await.map_err(|e| BindingError::Unreachable(e.to_string()))?;
             let status = response.status();
             let body = response
                 .into_body()

@@ -6,6 +6,8 @@
 //!   and [`cloudevent`], how its events decode.
 //! - [`client`]: what the host calls on daprd (output bindings, readiness).
 //! - [`codec`]: how bodies and metadata survive the trip.
+//! - `connections`: the host's connections to daprd, let go of at the
+//!   stop signal.
 //! - `attempts`: the delivery-count estimate the binding does not give.
 
 mod attempts;
@@ -13,6 +15,7 @@ pub mod binding;
 pub mod client;
 pub mod cloudevent;
 pub mod codec;
+mod connections;
 pub mod pubsub;
 
 pub use binding::{Binding, BindingOptions};

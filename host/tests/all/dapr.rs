@@ -421,6 +421,62 @@ async fn sigterm_finishes_in_flight_and_new_deliveries_and_loses_nothing() {
     assert!(broker.messages("orders").is_empty() && broker.dead_letters("orders").is_empty());
 }
 
+/// daprd's shutdown waits for connections that never sent a request until
+/// they are 5-6 s old, past its 5 s grace (`src/dapr/connections.rs`), and
+/// the host's pool holds such connections; the host keeps running for its
+/// drain window after the same SIGTERM, so it must let them go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_sigterm_the_host_closes_its_idle_connections_to_daprd_and_still_sends() {
+    let broker = Arc::new(Broker::default());
+    let sidecar_port = free_port();
+    let args = [
+        "--consumer-file",
+        "faulty.wasm",
+        "--max-concurrency",
+        "16",
+        "--drain-secs",
+        "60",
+        "--shutdown-deadline-secs",
+        "60",
+    ];
+    let mut host = Host::start("consumer", sidecar_port, &args, &[]);
+    let mut input = Input::new(host.port, "orders");
+    input.concurrency = 16;
+    let config = Config {
+        input: Some(input),
+        outputs: vec!["out".into()],
+        port: sidecar_port,
+        output_delay: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let sidecar = Sidecar::start(config, broker.clone()).await;
+    for i in 0..32 {
+        broker.push("orders", SbMessage::new(&format!("m-{i}"), b"send:out"));
+    }
+    eventually(Duration::from_secs(30), "32 sent and answered", || {
+        broker.messages("out").len() == 32 && sidecar.deliveries().len() == 32
+    })
+    .await;
+    let pooled = sidecar.open_connections();
+    assert!(pooled >= 1, "the sends left idle connections in the pool");
+
+    let pid = host.pid().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    eventually(Duration::from_secs(10), "the host's connections to daprd closed", || sidecar.open_connections() == 0)
+        .await;
+    assert!(host.running.as_mut().unwrap().child.try_wait().unwrap().is_none(), "the host still drains");
+
+    // It still delivers and sends while it drains, a connection a call.
+    broker.push("orders", SbMessage::new("late", b"send:out"));
+    eventually(Duration::from_secs(30), "the late one sent and answered", || {
+        broker.messages("out").len() == 33 && sidecar.deliveries().len() == 33
+    })
+    .await;
+    assert_eq!(sidecar.deliveries().last(), Some(&("late".to_string(), 1, Some(200))));
+    eventually(Duration::from_secs(10), "the late send's connection closed", || sidecar.open_connections() == 0).await;
+    eprintln!("{pooled} connections pooled before SIGTERM, none after");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_reuse_is_set_from_the_environment_and_zero_is_refused() {
     let mut host = Host::start("consumer", 1, &["--consumer-file", "faulty.wasm"], &[("WASM_PC_INSTANCE_REUSE", "2")]);

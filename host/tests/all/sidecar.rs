@@ -189,6 +189,7 @@ pub struct Sidecar {
     pub address: SocketAddr,
     events: Arc<Mutex<Vec<Event>>>,
     outputs: Arc<Concurrency>,
+    connections: Arc<AtomicUsize>,
     stop_deliveries: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -209,7 +210,8 @@ impl Sidecar {
             subscribed: subscribed.clone(),
             outputs: outputs.clone(),
         };
-        tasks.push(tokio::spawn(serve_api(listener, Arc::new(api))));
+        let connections = Arc::new(AtomicUsize::new(0));
+        tasks.push(tokio::spawn(serve_api(listener, Arc::new(api), connections.clone())));
         if let Some(input) = config.input.clone() {
             let (broker, events, stop) = (broker.clone(), events.clone(), stop_deliveries.clone());
             tasks.push(tokio::spawn(run_input(input, config.app_token.clone(), broker, events, subscribed, stop)));
@@ -218,7 +220,12 @@ impl Sidecar {
             let (broker, events, stop) = (broker.clone(), events.clone(), stop_deliveries.clone());
             tasks.push(tokio::spawn(run_subscriptions(pubsub, config.app_token.clone(), broker, events, stop)));
         }
-        Sidecar { address, events, outputs, stop_deliveries, tasks }
+        Sidecar { address, events, outputs, connections, stop_deliveries, tasks }
+    }
+
+    /// Connections to its API open now (the app's, used or not).
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// The most output binding calls that were open at once.
@@ -296,7 +303,7 @@ impl Drop for Leave<'_> {
     }
 }
 
-async fn serve_api(listener: TcpListener, api: Arc<Api>) {
+async fn serve_api(listener: TcpListener, api: Arc<Api>, open: Arc<AtomicUsize>) {
     // Connections live in this set, so aborting this task (`kill`) closes
     // them too, as a dying daprd would.
     let mut connections = tokio::task::JoinSet::new();
@@ -306,13 +313,25 @@ async fn serve_api(listener: TcpListener, api: Arc<Api>) {
         };
         while connections.try_join_next().is_some() {}
         let api = api.clone();
+        open.fetch_add(1, Ordering::SeqCst);
+        let closed = Closed(open.clone());
         connections.spawn(async move {
+            let _closed = closed;
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
+    }
+}
+
+/// Counts a connection closed when its task ends, aborted or not.
+struct Closed(Arc<AtomicUsize>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -75,7 +75,10 @@ impl Proc {
         let deadline = signalled + within;
         loop {
             match self.child.try_wait().unwrap() {
-                Some(status) if status.success() => return,
+                Some(status) if status.success() => {
+                    eprintln!("daprd exited 0 {:?} after SIGTERM", signalled.elapsed());
+                    return;
+                }
                 Some(status) => {
                     let log = std::fs::read_to_string(&self.log).unwrap_or_default();
                     let after = signalled.elapsed();
