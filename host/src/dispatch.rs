@@ -20,7 +20,7 @@
 //!    with an [`Acknowledge`] that settles in the source's terms (a queue's
 //!    complete/abandon/dead-letter, an HTTP status) and says what really
 //!    became of the message.
-//! 2. Its readiness ([`Source::not_ready`]) and gauges ([`Source::readings`]),
+//! 2. Its readiness ([`Source::not_ready`]) and readings ([`Source::readings`]),
 //!    if it has any; the host adds them to `/readyz` and `/metrics`.
 //! 3. Its flags, in `cli/`, and one line where `dev` or `serve` picks the
 //!    sources it runs. The host ([`crate::host`]) does the rest.

@@ -10,8 +10,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::dispatch::{Acknowledge, BoxFuture, Delivery, Dispatcher, Settlement, Source};
 use crate::http::{self, Body};
-use crate::metrics::Metrics;
-use crate::metrics::Reading;
+use crate::metrics::{Metrics, Reading};
 use crate::queue::{NewMessage, QueueError, QueueHandle, Received, Settle, Settled};
 use crate::runtime::Message;
 use crate::runtime::outbound::{BatchFuture, Outbound, OutboundMessage, SendError, SendFuture};

@@ -22,7 +22,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 pub struct SidecarConnections {
     /// Until [`SidecarConnections::let_go`].
@@ -58,11 +58,5 @@ impl SidecarConnections {
             Err(poisoned) => poisoned.into_inner().take(),
         };
         drop(pooled);
-    }
-}
-
-impl Default for SidecarConnections {
-    fn default() -> Self {
-        Self::new()
     }
 }

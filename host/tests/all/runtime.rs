@@ -556,12 +556,13 @@ async fn every_message_gets_a_fresh_instance_by_default() {
 #[test]
 fn metrics_say_how_pool_slots_are_reset() {
     let off = RuntimeOptions { limits: small_limits(), pagemap_scan: false, ..RuntimeOptions::default() };
-    assert_eq!(pool_gauge(&Runtime::new(off).unwrap(), "pool_pagemap_scan"), Some(0));
+    assert_eq!(reading(&Runtime::new(off).unwrap(), "pool_pagemap_scan"), Some(0));
     let available = wasmtime::PoolingAllocationConfig::is_pagemap_scan_available();
-    assert_eq!(pool_gauge(&runtime_with(small_limits()), "pool_pagemap_scan"), Some(u64::from(available)));
+    assert_eq!(reading(&runtime_with(small_limits()), "pool_pagemap_scan"), Some(u64::from(available)));
 }
 
-fn pool_gauge(rt: &Runtime, name: &str) -> Option<u64> {
+/// The runtime's `/metrics` reading named `name`.
+fn reading(rt: &Runtime, name: &str) -> Option<u64> {
     Reading::find(&rt.readings(), name)
 }
 
@@ -610,7 +611,7 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
     // The first call's job is still pending when the second finishes.
     fresh_calls_without_yielding(&rt, &module, 2).await;
     assert_eq!(module.prepared_instances(), 0, "both calls took a prepared instance");
-    assert_eq!(pool_gauge(&rt, "pool_work_ahead_jobs"), Some(2), "the second invocation's work was not taken");
+    assert_eq!(reading(&rt, "pool_work_ahead_jobs"), Some(2), "the second invocation's work was not taken");
     // Each job prepares the one its invocation took; had the second been
     // turned away, one would be missing until the next delivery.
     wait_for_work_ahead(&rt, &module).await;
@@ -618,16 +619,15 @@ async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_wor
 
 #[tokio::test]
 async fn metrics_count_where_each_invocations_instance_came_from() {
-    let count = |rt: &Runtime, name: &str| Reading::find(&rt.readings(), name);
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
     wait_for_work_ahead(&rt, &module).await;
     // The two prepared instances go to the first two, and the third makes
     // its own.
     fresh_calls_without_yielding(&rt, &module, 3).await;
-    assert_eq!(count(&rt, "invocations_prepared_instance_total"), Some(2));
-    assert_eq!(count(&rt, "invocations_instantiated_inline_total"), Some(1));
-    assert_eq!(count(&rt, "invocations_reused_instance_total"), Some(0));
+    assert_eq!(reading(&rt, "invocations_prepared_instance_total"), Some(2));
+    assert_eq!(reading(&rt, "invocations_instantiated_inline_total"), Some(1));
+    assert_eq!(reading(&rt, "invocations_reused_instance_total"), Some(0));
 
     let rt = runtime_reusing(3);
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
@@ -636,9 +636,9 @@ async fn metrics_count_where_each_invocations_instance_came_from() {
         let outcome = rt.consume(&module, &message(&format!("m{i}"), b"count"), Arc::new(NoOutbound)).await;
         assert_eq!(retry_reason(outcome), calls);
     }
-    assert_eq!(count(&rt, "invocations_prepared_instance_total"), Some(1));
-    assert_eq!(count(&rt, "invocations_reused_instance_total"), Some(1));
-    assert_eq!(count(&rt, "invocations_instantiated_inline_total"), Some(0));
+    assert_eq!(reading(&rt, "invocations_prepared_instance_total"), Some(1));
+    assert_eq!(reading(&rt, "invocations_reused_instance_total"), Some(1));
+    assert_eq!(reading(&rt, "invocations_instantiated_inline_total"), Some(0));
 }
 
 /// `n` deliveries in a row, none of them yielding to this executor (so no
@@ -655,7 +655,7 @@ async fn fresh_calls_without_yielding(rt: &Runtime, module: &ConsumerModule, n: 
 async fn wait_for_work_ahead(rt: &Runtime, module: &ConsumerModule) {
     wait_for_prepared(module, 2).await;
     eventually(Duration::from_secs(1), "no work-ahead job to be left", || {
-        pool_gauge(rt, "pool_work_ahead_jobs") == Some(0)
+        reading(rt, "pool_work_ahead_jobs") == Some(0)
     })
     .await;
 }

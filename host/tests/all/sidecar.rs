@@ -189,7 +189,7 @@ pub struct Sidecar {
     pub address: SocketAddr,
     events: Arc<Mutex<Vec<Event>>>,
     outputs: Arc<Concurrency>,
-    connections: Arc<AtomicUsize>,
+    connections: Arc<Concurrency>,
     stop_deliveries: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -210,7 +210,7 @@ impl Sidecar {
             subscribed: subscribed.clone(),
             outputs: outputs.clone(),
         };
-        let connections = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(Concurrency::default());
         tasks.push(tokio::spawn(serve_api(listener, Arc::new(api), connections.clone())));
         if let Some(input) = config.input.clone() {
             let (broker, events, stop) = (broker.clone(), events.clone(), stop_deliveries.clone());
@@ -225,7 +225,7 @@ impl Sidecar {
 
     /// Connections to its API open now (the app's, used or not).
     pub fn open_connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
+        self.connections.open.load(Ordering::SeqCst)
     }
 
     /// The most output binding calls that were open at once.
@@ -303,7 +303,7 @@ impl Drop for Leave<'_> {
     }
 }
 
-async fn serve_api(listener: TcpListener, api: Arc<Api>, open: Arc<AtomicUsize>) {
+async fn serve_api(listener: TcpListener, api: Arc<Api>, open: Arc<Concurrency>) {
     // Connections live in this set, so aborting this task (`kill`) closes
     // them too, as a dying daprd would.
     let mut connections = tokio::task::JoinSet::new();
@@ -313,25 +313,16 @@ async fn serve_api(listener: TcpListener, api: Arc<Api>, open: Arc<AtomicUsize>)
         };
         while connections.try_join_next().is_some() {}
         let api = api.clone();
-        open.fetch_add(1, Ordering::SeqCst);
-        let closed = Closed(open.clone());
+        let open = open.clone();
         connections.spawn(async move {
-            let _closed = closed;
+            // Open until its task ends, aborted or not.
+            let _open = open.enter();
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
-    }
-}
-
-/// Counts a connection closed when its task ends, aborted or not.
-struct Closed(Arc<AtomicUsize>);
-
-impl Drop for Closed {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
