@@ -56,8 +56,8 @@ impl Guest for Consumer {
                 Level::Debug,
                 "order accepted",
                 &[
-                    ("order".to_string(), order.id.clone()),
-                    ("customer".to_string(), order.customer.clone()),
+                    ("order".to_string(), order.id.to_string()),
+                    ("customer".to_string(), order.customer.to_string()),
                     ("total_cents".to_string(), total.to_string()),
                 ],
             );

@@ -2,8 +2,17 @@
 //!
 //! Kept free of WIT bindings so it can be unit-tested natively and linked into
 //! either component without dragging the other world's exports along.
+//!
+//! Parsing is where a guest spends most of its time on a message, so orders
+//! borrow their strings from the body they were read from (a string with
+//! escapes is the only one copied) and a batch is read straight into typed
+//! orders, never through a generic JSON tree.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// One order, as the producer receives it and the consumer reads it.
 ///
@@ -11,28 +20,35 @@ use serde::{Deserialize, Serialize};
 /// that adds a field does not turn every message into poison at consumers
 /// not yet upgraded. (Samples are what users copy.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Order {
+pub struct Order<'a> {
     /// Caller-chosen, unique per order; becomes the message id.
-    pub id: String,
-    pub customer: String,
-    pub items: Vec<Item>,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub customer: Cow<'a, str>,
+    #[serde(borrow)]
+    pub items: Vec<Item<'a>>,
 }
 
 /// One line of an order (a tolerant reader too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Item {
-    pub sku: String,
+pub struct Item<'a> {
+    #[serde(borrow)]
+    pub sku: Cow<'a, str>,
     pub qty: u32,
     /// Unit price in cents; integers keep totals exact.
     pub price_cents: u64,
 }
 
-/// A batch: either a bare array of orders or `{"orders": [...]}`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Batch {
-    Bare(Vec<serde_json::Value>),
-    Wrapped { orders: Vec<serde_json::Value> },
+/// A batch's orders, each left as its JSON text until it is read as an order,
+/// so a bad one can be named by its position.
+type Entries<'a> = Vec<&'a RawValue>;
+
+/// `{"orders": [...]}`, the wrapped form of a batch.
+#[derive(Deserialize)]
+struct Wrapped<'a> {
+    #[serde(borrow)]
+    orders: Entries<'a>,
 }
 
 /// Why an order or a batch is not acceptable. The text is shown to the caller.
@@ -55,9 +71,9 @@ impl std::fmt::Display for Invalid {
 /// Largest batch the producer accepts; bigger ones are a caller bug, not load.
 pub const MAX_BATCH: usize = 1000;
 
-impl Order {
+impl<'a> Order<'a> {
     /// Parses and validates one order from a message body.
-    pub fn parse(body: &[u8]) -> Result<Order, Invalid> {
+    pub fn parse(body: &'a [u8]) -> Result<Order<'a>, Invalid> {
         let order: Order = serde_json::from_slice(body)
             .map_err(|e| Invalid { index: None, reason: format!("not a valid order: {e}") })?;
         order.validate().map_err(|reason| Invalid { index: None, reason })?;
@@ -99,28 +115,25 @@ impl Order {
 }
 
 /// Parses a batch and validates every order; all or nothing.
-pub fn parse_batch(body: &[u8]) -> Result<Vec<Order>, Invalid> {
-    let batch: Batch = serde_json::from_slice(body).map_err(|e| Invalid {
+pub fn parse_batch(body: &[u8]) -> Result<Vec<Order<'_>>, Invalid> {
+    let entries = batch_entries(body).map_err(|e| Invalid {
         index: None,
         reason: format!("body is not a JSON array of orders or {{\"orders\": [...]}}: {e}"),
     })?;
-    let values = match batch {
-        Batch::Bare(v) | Batch::Wrapped { orders: v } => v,
-    };
-    if values.is_empty() {
+    if entries.is_empty() {
         return Err(Invalid { index: None, reason: "the batch has no orders".into() });
     }
-    if values.len() > MAX_BATCH {
+    if entries.len() > MAX_BATCH {
         return Err(Invalid {
             index: None,
-            reason: format!("the batch has {} orders; at most {MAX_BATCH} are accepted", values.len()),
+            reason: format!("the batch has {} orders; at most {MAX_BATCH} are accepted", entries.len()),
         });
     }
-    let mut orders = Vec::with_capacity(values.len());
-    let mut seen = std::collections::BTreeSet::new();
-    for (index, value) in values.into_iter().enumerate() {
+    let mut orders = Vec::with_capacity(entries.len());
+    let mut seen = BTreeSet::new();
+    for (index, entry) in entries.into_iter().enumerate() {
         let order: Order =
-            serde_json::from_value(value).map_err(|e| Invalid { index: Some(index), reason: e.to_string() })?;
+            serde_json::from_str(entry.get()).map_err(|e| Invalid { index: Some(index), reason: e.to_string() })?;
         order.validate().map_err(|reason| Invalid { index: Some(index), reason })?;
         if !seen.insert(order.id.clone()) {
             return Err(Invalid { index: Some(index), reason: format!("duplicate id {:?}", order.id) });
@@ -130,6 +143,15 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Order>, Invalid> {
     Ok(orders)
 }
 
+/// The orders of a bare array or of `{"orders": [...]}`, told apart by the
+/// first byte rather than by trying one form and then the other.
+fn batch_entries(body: &[u8]) -> serde_json::Result<Entries<'_>> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice::<Wrapped>(body).map(|wrapped| wrapped.orders),
+        _ => serde_json::from_slice(body),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,10 +159,39 @@ mod tests {
     #[test]
     fn bare_and_wrapped_batches_parse_alike() {
         let one = r#"{"id":"a","customer":"c","items":[{"sku":"s","qty":2,"price_cents":150}]}"#;
-        let bare = parse_batch(format!("[{one}]").as_bytes()).map_err(|e| e.to_string());
-        let wrapped = parse_batch(format!("{{\"orders\":[{one}]}}").as_bytes()).map_err(|e| e.to_string());
+        let (bare, wrapped) = (format!("[{one}]"), format!(" \n{{\"version\":2,\"orders\":[{one}]}}"));
+        let bare = parse_batch(bare.as_bytes()).map_err(|e| e.to_string());
+        let wrapped = parse_batch(wrapped.as_bytes()).map_err(|e| e.to_string());
         assert_eq!(bare, wrapped);
         assert_eq!(bare.map(|o| o[0].total_cents()), Ok(Some(300)));
+    }
+
+    #[test]
+    fn strings_are_borrowed_from_the_body_unless_they_hold_escapes() {
+        let body = br#"{"id":"a-1","customer":"say \"hi\"","items":[{"sku":"s\u00e9","qty":1,"price_cents":1}]}"#;
+        let order = Order::parse(body).map_err(|e| e.to_string());
+        assert!(matches!(order.as_ref().map(|o| &o.id), Ok(Cow::Borrowed("a-1"))), "{order:?}");
+        assert!(matches!(order.as_ref().map(|o| &o.customer), Ok(Cow::Owned(c)) if c == "say \"hi\""), "{order:?}");
+        assert_eq!(order.map(|o| o.items[0].sku.to_string()), Ok("s\u{e9}".to_string()));
+    }
+
+    #[test]
+    fn a_batch_that_is_neither_form_is_refused_whole() {
+        for body in [&br#"{"orders":{}}"#[..], br#"{"id":"a"}"#, b"\"orders\"", b"[1,"] {
+            let err = parse_batch(body).err();
+            assert!(
+                err.as_ref().is_some_and(|e| e.index.is_none() && e.reason.starts_with("body is not a JSON array")),
+                "{}: {err:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let err = parse_batch(br#"[{"id":"a","customer":"c","items":[]}, 7]"#).err();
+        assert_eq!(err.map(|e| (e.index, e.reason)), Some((Some(0), "items must not be empty".to_string())));
+        let err = parse_batch(br#"[{"id":"a","customer":"c","items":[{"sku":"s","qty":1,"price_cents":1}]}, 7]"#).err();
+        assert!(
+            err.as_ref().is_some_and(|e| e.index == Some(1) && e.reason.contains("expected struct Order")),
+            "{err:?}"
+        );
     }
 
     #[test]

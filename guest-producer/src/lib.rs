@@ -61,12 +61,12 @@ impl Guest for Producer {
 fn to_message(order: &Order) -> OutboundMessage {
     let body = serde_json::to_vec(order).unwrap_or_default();
     OutboundMessage {
-        id: Some(order.id.clone()),
+        id: Some(order.id.to_string()),
         body,
         content_type: Some("application/json".to_string()),
         metadata: vec![
-            ("order-id".to_string(), order.id.clone()),
-            ("customer".to_string(), order.customer.clone()),
+            ("order-id".to_string(), order.id.to_string()),
+            ("customer".to_string(), order.customer.to_string()),
             ("item-count".to_string(), order.items.len().to_string()),
         ],
     }

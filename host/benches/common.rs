@@ -16,6 +16,19 @@ pub fn module(file: &str) -> Vec<u8> {
     }
 }
 
+/// A JSON order of about 1 KiB (14 lines and a long customer name): what the
+/// Dapr benches and the drain send, so the guest's parsing weighs as it does
+/// there.
+pub fn order_of_about_1k() -> Vec<u8> {
+    let items: Vec<_> = (0..14)
+        .map(|i| serde_json::json!({"sku": format!("SKU-{i:04}-XYZ"), "qty": 1 + i % 3, "price_cents": 1999 + i}))
+        .collect();
+    let mut order = serde_json::json!({"id": "o-1", "customer": "", "items": items});
+    let len = serde_json::to_vec(&order).map_or(0, |bytes| bytes.len());
+    order["customer"] = serde_json::Value::String("c".repeat(1024usize.saturating_sub(len)));
+    serde_json::to_vec(&order).unwrap_or_default()
+}
+
 /// `(p50, p99)` of a set of samples.
 pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort();

@@ -44,7 +44,7 @@ fn main() {
     let only_sequential = std::env::args().any(|a| a == "sequential");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let body = Bytes::from(order_of_about_1k());
+        let body = Bytes::from(common::order_of_about_1k());
         let servers = [
             ("native hyper handler".to_string(), start_native().await, None),
             wasm_host("wasm-pc, fresh, none ahead".to_string(), NonZeroU32::MIN, 0).await,
@@ -138,16 +138,6 @@ async fn wasm_host(name: String, instance_reuse: NonZeroU32, prepared_instances:
     (name, port, Some(runtime))
 }
 
-fn order_of_about_1k() -> Vec<u8> {
-    let items: Vec<_> = (0..14)
-        .map(|i| serde_json::json!({"sku": format!("SKU-{i:04}-XYZ"), "qty": 1 + i % 3, "price_cents": 1999 + i}))
-        .collect();
-    let mut order = serde_json::json!({"id": "o-1", "customer": "", "items": items});
-    let len = serde_json::to_vec(&order).unwrap().len();
-    order["customer"] = serde_json::Value::String("c".repeat(1024usize.saturating_sub(len)));
-    serde_json::to_vec(&order).unwrap()
-}
-
 async fn start_wasm_host(instance_reuse: NonZeroU32, prepared_instances: usize) -> (u16, Arc<Runtime>) {
     // `BENCH_NO_PAGEMAP=1`: reset slots as a kernel without PAGEMAP_SCAN must.
     let pagemap_scan = std::env::var_os("BENCH_NO_PAGEMAP").is_none();
@@ -195,8 +185,9 @@ async fn start_native() -> u16 {
         let (parts, body) = req.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let headers = parts.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
-        let status = match wasm_pc::dapr::codec::decode_delivery(headers, &body)
-            .ok()
+        let delivery = wasm_pc::dapr::codec::decode_delivery(headers, &body).ok();
+        let status = match delivery
+            .as_ref()
             .and_then(|d| guest_orders::Order::parse(&d.body).ok())
             .and_then(|o| o.total_cents().map(|total| (o, total)))
             .filter(|(o, total)| native_rules(o, *total))
@@ -264,5 +255,6 @@ fn native_rules(order: &guest_orders::Order, total: u64) -> bool {
         return false;
     }
     let flaky = config.get("transient-sku");
-    !order.items.iter().any(|i| Some(&i.sku) == flaky) && !config.contains_key("forward-binding")
+    !order.items.iter().any(|i| flaky.is_some_and(|sku| i.sku == sku.as_str()))
+        && !config.contains_key("forward-binding")
 }

@@ -8,6 +8,8 @@
 //! how instruction counts per call are taken (`docs/BENCHMARKS.md`: two
 //! callgrind runs with different CALLS). The trivial consumer comes twice:
 //! `faulty.wasm` sent `ok` is built with `std`, `minimal.wasm` without.
+//! The sample consumer gets a small order (80 bytes), or with
+//! `INVOKE_ORDER=1k` the 1 KiB order the Dapr benches send.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -48,11 +50,13 @@ async fn measure(instance_reuse: NonZeroU32, calls: usize, budget_mib: usize, on
         RuntimeOptions { instance_reuse, limits, prepared_instances: 0, pagemap_scan, ..RuntimeOptions::default() };
     let runtime = Runtime::new(options).unwrap();
     let out: Arc<dyn Outbound> = Arc::new(NoOutbound);
-    let guests = [
-        ("faulty.wasm", &b"ok"[..]),
-        ("minimal.wasm", &b"ok"[..]),
-        ("consumer.wasm", &br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#[..]),
-    ];
+    let large_order = std::env::var("INVOKE_ORDER").is_ok_and(|size| size == "1k");
+    let order = if large_order {
+        common::order_of_about_1k()
+    } else {
+        br#"{"id":"o1","customer":"acme","items":[{"sku":"A","qty":2,"price_cents":350}]}"#.to_vec()
+    };
+    let guests = [("faulty.wasm", &b"ok"[..]), ("minimal.wasm", &b"ok"[..]), ("consumer.wasm", &order[..])];
     // `INVOKE_EXTRA_GUEST=<file>`: one more guest from `target/modules`, a
     // variant of one above, to compare the two. It is sent what the guest
     // its name starts with is sent (`consumer-small-stack.wasm`: an order).
@@ -84,7 +88,8 @@ async fn measure(instance_reuse: NonZeroU32, calls: usize, budget_mib: usize, on
         let (p50, p99) = common::percentiles(&mut samples);
         let total: Duration = samples.iter().sum();
         println!(
-            "invoke {file:<14} reuse={instance_reuse:<3} pool-resident={budget_mib}MiB n={calls} p50={:.1}us p99={:.1}us mean={:.1}us",
+            "invoke {file:<14} reuse={instance_reuse:<3} pool-resident={budget_mib}MiB body={}B n={calls} p50={:.1}us p99={:.1}us mean={:.1}us",
+            message.body.len(),
             p50.as_secs_f64() * 1e6,
             p99.as_secs_f64() * 1e6,
             total.as_secs_f64() * 1e6 / samples.len() as f64

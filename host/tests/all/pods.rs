@@ -292,7 +292,7 @@ fn consumer_settles_a_delivery(pod: &Pod, config: &Config, sidecar: &Sidecar, br
     c.wait_for(&what, Duration::from_secs(30), || sidecar.deliveries().iter().any(|d| d.2.is_some()).then_some(()));
     assert_eq!(
         sidecar.deliveries(),
-        vec![(order.id.clone(), 1, Some(200))],
+        vec![(order.id.to_string(), 1, Some(200))],
         "the delivery to {} (dapr-api-token = APP_API_TOKEN) is settled with 200 at the first attempt\n{}",
         input.route,
         c.logs()
@@ -322,7 +322,7 @@ fn producer_sends_an_order(pod: &Pod, manifests: &Manifests, broker: &Broker, co
     assert_eq!(guest_orders::Order::parse(&sent[0].body), Ok(order), "the order arrives as sent");
 }
 
-fn sample_order(id: &str) -> guest_orders::Order {
+fn sample_order(id: &str) -> guest_orders::Order<'_> {
     guest_orders::Order {
         id: id.into(),
         customer: "acme".into(),
