@@ -156,9 +156,12 @@ fn batch_entries(body: &[u8]) -> serde_json::Result<Entries<'_>> {
 /// within the order's own text, not the body, and the index already names
 /// the order.
 fn without_position(error: &serde_json::Error) -> String {
-    let text = error.to_string();
+    let mut text = error.to_string();
     let position = format!(" at line {} column {}", error.line(), error.column());
-    text.strip_suffix(&position).map_or_else(|| text.clone(), str::to_string)
+    if let Some(kept) = text.strip_suffix(&position).map(str::len) {
+        text.truncate(kept);
+    }
+    text
 }
 
 #[cfg(test)]

@@ -288,16 +288,18 @@ struct Concurrency {
 }
 
 impl Concurrency {
-    fn enter(&self) -> impl Drop + '_ {
+    /// Counts one in until the guard is dropped; the guard owns its count, so
+    /// it can be taken in one place and moved into a task.
+    fn enter(self: &Arc<Self>) -> impl Drop + Send + 'static {
         let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
-        Leave(self)
+        Leave(self.clone())
     }
 }
 
-struct Leave<'a>(&'a Concurrency);
+struct Leave(Arc<Concurrency>);
 
-impl Drop for Leave<'_> {
+impl Drop for Leave {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
@@ -313,10 +315,11 @@ async fn serve_api(listener: TcpListener, api: Arc<Api>, open: Arc<Concurrency>)
         };
         while connections.try_join_next().is_some() {}
         let api = api.clone();
-        let open = open.clone();
+        // Counted as soon as it is accepted, and open until its task ends,
+        // aborted or not, so no accepted connection is ever missed.
+        let open = open.enter();
         connections.spawn(async move {
-            // Open until its task ends, aborted or not.
-            let _open = open.enter();
+            let _open = open;
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
