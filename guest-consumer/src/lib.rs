@@ -11,6 +11,18 @@
 //!   business rule, so it goes to the dead-letter queue for a person to review.
 //! - A body sent as raw bytes (content type `application/octet-stream`) is
 //!   accepted as-is and, when forwarding, passed on unchanged.
+//!
+//! Built without `std` on `wasm32-wasip2`, so the component imports the
+//! wasm-pc interfaces and no WASI: `guest-runtime` says why and gives what
+//! `std` would.
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
 
 use exports::wasm_pc::app::consume::{ConsumeError, Guest, Message};
 use guest_orders::Order;
@@ -94,3 +106,10 @@ fn forward(id: &str, content_type: Option<String>, make: impl FnOnce() -> Vec<u8
 }
 
 export!(Consumer);
+
+/// A panic is logged, then traps; the host retries the message.
+#[cfg(target_arch = "wasm32")]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    guest_runtime::report_panic(info, |line| log(Level::Error, line, &[]))
+}

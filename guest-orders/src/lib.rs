@@ -8,8 +8,17 @@
 //! escapes is the only one copied) and a batch is read straight into typed
 //! orders, never through a generic JSON tree.
 
-use std::borrow::Cow;
-use std::collections::BTreeSet;
+//!
+//! Without `std`, as the sample guests are (`guest-runtime` says why).
+#![no_std]
+
+extern crate alloc;
+
+use alloc::borrow::Cow;
+use alloc::collections::BTreeSet;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -59,8 +68,8 @@ pub struct Invalid {
     pub reason: String,
 }
 
-impl std::fmt::Display for Invalid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self.index {
             Some(i) => write!(f, "order {i}: {}", self.reason),
             None => f.write_str(&self.reason),
@@ -166,6 +175,8 @@ fn without_position(error: &serde_json::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use alloc::vec;
+
     use super::*;
 
     #[test]

@@ -8,6 +8,16 @@
 //! names the first failed order and lists the ids that were sent. A body
 //! with content type `application/octet-stream` is sent as one message,
 //! unchanged.
+//!
+//! Built without `std`, as the sample consumer is (see its crate docs).
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
 
 use exports::wasm_pc::app::produce::{Guest, Request, Response};
 use guest_orders::{Order, parse_batch};
@@ -114,3 +124,10 @@ fn json(status: u16, value: &serde_json::Value) -> Response {
 }
 
 export!(Producer);
+
+/// A panic is logged, then traps; the host answers 500.
+#[cfg(target_arch = "wasm32")]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    guest_runtime::report_panic(info, |line| log(Level::Error, line, &[]))
+}

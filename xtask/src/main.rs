@@ -102,9 +102,8 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `no_std` trivial consumer, for the invoke bench only. It builds on
-/// its own: built beside the `std` guests, Cargo would unify wit-bindgen's
-/// `std` feature into it.
+/// The trivial consumer without `std`, for the invoke bench only (not
+/// deployed).
 const MINIMAL_GUEST: (&str, &str) = ("minimal-guest", "minimal.wasm");
 
 /// `cargo build` of guest crates for wasm32-wasip2 into `target_dir`.
@@ -123,7 +122,8 @@ fn build_guests(root: &Path, target_dir: &str, crates: &[&str]) -> anyhow::Resul
 /// Builds the guests into `target/guests` (their own target dir, as the
 /// host's tests do) and installs them as modules.
 fn guests(root: &Path) -> anyhow::Result<()> {
-    let built = build_guests(root, "target/guests", &GUESTS.map(|(krate, _)| krate))?;
+    let crates: Vec<&str> = GUESTS.iter().chain([&MINIMAL_GUEST]).map(|(krate, _)| *krate).collect();
+    let built = build_guests(root, "target/guests", &crates)?;
     let modules = root.join("target/modules");
     std::fs::create_dir_all(&modules)?;
     let mut configmap_bytes = 0;
@@ -150,7 +150,6 @@ fn guests(root: &Path) -> anyhow::Result<()> {
         eprintln!("xtask: {file:<14} {size:>8} bytes  ({krate})");
     }
     let (krate, file) = MINIMAL_GUEST;
-    let built = build_guests(root, "target/guests-minimal", &[krate])?;
     std::fs::copy(built.join(format!("{}.wasm", krate.replace('-', "_"))), modules.join(file))?;
     Ok(())
 }

@@ -33,14 +33,22 @@ fn cargo_build(target_dir: &str, extra: &[&str]) -> Result<(), String> {
 fn build() -> Result<PathBuf, String> {
     cargo_build(
         "target/guests",
-        &["-p", "guest-consumer", "-p", "guest-producer", "-p", "test-guests", "-p", "compat-guest"],
+        &[
+            "-p",
+            "guest-consumer",
+            "-p",
+            "guest-producer",
+            "-p",
+            "test-guests",
+            "-p",
+            "compat-guest",
+            "-p",
+            "minimal-guest",
+        ],
     )?;
     // The second flavor builds into its own target dir, so neither build
     // undoes the other.
     cargo_build("target/guests-b", &["-p", "test-guests", "--features", "flavor-b"])?;
-    // The `no_std` guest too: beside the others, wit-bindgen's `std` feature
-    // would be unified into it.
-    cargo_build("target/guests-minimal", &["-p", "minimal-guest"])?;
     Ok(guest_dir())
 }
 
@@ -59,7 +67,7 @@ pub fn bytes(which: &str) -> Vec<u8> {
         "producer" => dir.join("guest_producer.wasm"),
         "faulty" => dir.join("test_guests.wasm"),
         "compat" => dir.join("compat_guest.wasm"),
-        "minimal" => workspace().join("target/guests-minimal/wasm32-wasip2/guest/minimal_guest.wasm"),
+        "minimal" => dir.join("minimal_guest.wasm"),
         "faulty-b" => workspace().join("target/guests-b/wasm32-wasip2/guest/test_guests.wasm"),
         other => panic!("no guest named {other}"),
     };

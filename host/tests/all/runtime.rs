@@ -754,12 +754,28 @@ async fn a_guest_built_against_the_0_1_0_wit_still_runs() {
     assert!(matches!(wrong.kind, LoadErrorKind::WrongWorld { .. }), "{wrong}");
 }
 
+/// The names a component imports.
+fn imports(bytes: &[u8]) -> Vec<String> {
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::new(&engine, bytes).unwrap();
+    component.component_type().imports(&engine).map(|(name, _)| name.to_string()).collect()
+}
+
+/// The sample guests are built without `std` (see `guest-runtime`), so
+/// they import the wasm-pc interfaces and no WASI.
+#[test]
+fn the_sample_guests_import_no_wasi() {
+    for guest in ["consumer", "producer"] {
+        let imports = imports(&guests::bytes(guest));
+        assert!(imports.contains(&"wasm-pc:app/log@0.1.2".to_string()), "{guest}: {imports:?}");
+        assert!(imports.iter().all(|name| name.starts_with("wasm-pc:app/")), "{guest}: {imports:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_guest_built_without_std_imports_no_wasi_and_runs_fresh_and_reused() {
     let bytes = guests::bytes("minimal");
-    let engine = wasmtime::Engine::default();
-    let component = wasmtime::component::Component::new(&engine, &bytes).unwrap();
-    let imports: Vec<String> = component.component_type().imports(&engine).map(|(name, _)| name.to_string()).collect();
+    let imports = imports(&bytes);
     assert!(!imports.is_empty() && imports.iter().all(|name| name.starts_with("wasm-pc:app/")), "{imports:?}");
 
     for reuse in [1, 100] {
