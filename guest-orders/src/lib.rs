@@ -7,7 +7,6 @@
 //! borrow their strings from the body they were read from (a string with
 //! escapes is the only one copied) and a batch is read straight into typed
 //! orders, never through a generic JSON tree.
-
 //!
 //! Without `std`, as the sample guests are (`guest-runtime` says why).
 #![no_std]

@@ -5,7 +5,7 @@
 //! 13 WASI interfaces (stdio and terminals, environment, exit, streams) for
 //! its print and panic machinery, whether the guest prints or not, and every
 //! fresh instance pays for wiring each import. The sample consumer takes
-//! about 15,000 fewer instructions per fresh instance without them
+//! about 19,000 fewer instructions per fresh instance without them
 //! (docs/BENCHMARKS.md). A guest that wants WASI (clocks, printing) keeps
 //! `std` and leaves this crate out.
 //!

@@ -75,22 +75,24 @@ unsafe impl GlobalAlloc for LibcMalloc {
 static ALLOCATOR: LibcMalloc = LibcMalloc;
 
 /// The canonical ABI's allocator: the host calls it to place a message's
-/// strings and bytes in the instance's memory.
+/// strings and bytes in the instance's memory. The same heap as Rust's own
+/// allocations, through the same choices.
 ///
 /// # Safety
 /// Called as the canonical ABI says: `old_ptr`/`old_len`/`align` describe a
 /// block this function returned, or `old_len` is 0.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cabi_realloc(old_ptr: *mut u8, old_len: usize, align: usize, new_len: usize) -> *mut u8 {
+    // The canonical ABI only asks for power-of-two alignments.
+    let Ok(old) = Layout::from_size_align(old_len, align) else { core::arch::wasm32::unreachable() };
+    let new_len = new_len.max(1);
     let ptr = if old_len == 0 {
-        // SAFETY: any size and power-of-two alignment is valid here.
-        unsafe { aligned_alloc(align, new_len.max(1)) }
-    } else if align <= MALLOC_ALIGN {
-        // SAFETY: `old_ptr` came from this allocator (see the layout above).
-        unsafe { realloc(old_ptr, new_len.max(1)) }
+        // SAFETY: `align` is valid (checked above) and the size is not zero.
+        unsafe { ALLOCATOR.alloc(Layout::from_size_align_unchecked(new_len, align)) }
     } else {
-        // SAFETY: as this function requires of its caller.
-        unsafe { grow_overaligned(old_ptr, old_len, align, new_len) }
+        // SAFETY: the block came from this allocator with the layout `old`,
+        // and the new size is not zero.
+        unsafe { ALLOCATOR.realloc(old_ptr, old, new_len) }
     };
     if ptr.is_null() {
         core::arch::wasm32::unreachable()
