@@ -8,7 +8,10 @@
 //! (`--prepared-instances 0`: instantiation and the slot reset on the
 //! delivery path). Then each answers one delivery at a time on
 //! one connection (as a sequential input binding drives it), for the latency
-//! the host adds over native.
+//! the host adds over native: first from a client on a thread of its own, as
+//! daprd calls from another process, then from a client task on the
+//! servers' own runtime, where the figure depends on whether the scheduler
+//! puts the client and the server's connection on one worker thread.
 //!
 //! `cargo bench -p wasm-pc --bench dapr_input [-- REQUESTS [REUSE] [sequential]]`:
 //! `sequential` runs only the concurrency-1 phase, for profiling it.
@@ -57,7 +60,9 @@ fn main() {
         if !only_sequential {
             throughput(&servers, &body, requests).await;
         }
-        sequential(&servers, &body, (requests / 8).max(1_000)).await;
+        let requests = (requests / 8).max(1_000);
+        sequential(&servers, &body, requests, Client::OwnThread).await;
+        sequential(&servers, &body, requests, Client::SharedRuntime).await;
     });
 }
 
@@ -85,27 +90,43 @@ async fn throughput(servers: &[Server], body: &Bytes, requests: usize) {
     }
 }
 
+/// Where the concurrency-1 client runs.
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    /// A thread of its own: every request wakes a server thread and every
+    /// answer the client's, as between daprd and the app.
+    OwnThread,
+    /// A task on the servers' runtime: when it shares a worker with the
+    /// server's connection task, a round trip wakes no thread at all.
+    SharedRuntime,
+}
+
 /// One at a time, as a sequential binding drives the route: the better of
 /// two interleaved runs each, by p50.
-async fn sequential(servers: &[Server], body: &Bytes, requests: usize) {
+async fn sequential(servers: &[Server], body: &Bytes, requests: usize, client: Client) {
     let before: Vec<_> = servers.iter().map(|(_, _, rt)| origins(rt.as_deref())).collect();
     let mut best: Vec<Option<Run>> = servers.iter().map(|_| None).collect();
     for _ in 0..2 {
         for (i, (_, port, _)) in servers.iter().enumerate() {
-            let r = load(*port, body, requests, 1).await;
+            let r = match client {
+                Client::OwnThread => load_from_own_thread(*port, body, requests),
+                Client::SharedRuntime => load(*port, body, requests, 1).await,
+            };
             if best[i].as_ref().is_none_or(|b| r.p50 < b.p50) {
                 best[i] = Some(r);
             }
         }
     }
     let runs: Vec<Run> = best.into_iter().map(Option::unwrap).collect();
-    println!("concurrency 1, {requests} requests");
+    println!("concurrency 1, {requests} requests, client: {client:?}");
     for ((name, _, _), r) in servers.iter().zip(&runs) {
+        let cpu = r.server_cpu.map(|c| format!("  server CPU {:>5.1}us per request", c.as_secs_f64() * 1e6));
         println!(
-            "{name:<26} p50 {:>6.1}us  p99 {:>6.1}us  p50 +{:>5.1}us over native",
+            "{name:<26} p50 {:>6.1}us  p99 {:>6.1}us  p50 +{:>5.1}us over native{}",
             r.p50.as_secs_f64() * 1e6,
             r.p99.as_secs_f64() * 1e6,
-            (r.p50.as_secs_f64() - runs[0].p50.as_secs_f64()) * 1e6
+            (r.p50.as_secs_f64() - runs[0].p50.as_secs_f64()) * 1e6,
+            cpu.unwrap_or_default()
         );
     }
     // Where each delivery's instance came from, over both rounds: how often
@@ -207,6 +228,34 @@ struct Run {
     rps: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU the process spent per request outside the client's thread: the
+    /// server's cost, known when the client runs on a thread of its own.
+    server_cpu: Option<Duration>,
+}
+
+/// CPU time used so far by the whole process or by the calling thread.
+fn cpu_time(who: libc::c_int) -> Duration {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(who, &mut usage) }, 0);
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// `load` at concurrency 1 from a current-thread runtime on a thread of its
+/// own. Blocks the calling thread (the bench's `block_on`, not a worker).
+fn load_from_own_thread(port: u16, body: &Bytes, requests: usize) -> Run {
+    let body = body.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (process, client) = (cpu_time(libc::RUSAGE_SELF), cpu_time(libc::RUSAGE_THREAD));
+        let mut run = rt.block_on(load(port, &body, requests, 1));
+        let server = (cpu_time(libc::RUSAGE_SELF) - process).saturating_sub(cpu_time(libc::RUSAGE_THREAD) - client);
+        run.server_cpu = Some(server / requests as u32);
+        run
+    })
+    .join()
+    .unwrap()
 }
 
 async fn load(port: u16, body: &Bytes, requests: usize, connections: usize) -> Run {
@@ -243,7 +292,7 @@ async fn load(port: u16, body: &Bytes, requests: usize, connections: usize) -> R
     }
     let elapsed = started.elapsed();
     let (p50, p99) = common::percentiles(&mut all);
-    Run { rps: requests as f64 / elapsed.as_secs_f64(), p50, p99 }
+    Run { rps: requests as f64 / elapsed.as_secs_f64(), p50, p99, server_cpu: None }
 }
 
 /// The guest's business rules with the bench's (empty) config, looked up the
