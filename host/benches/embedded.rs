@@ -70,6 +70,7 @@ async fn run(count: usize, concurrent: bool) {
         || tokio::spawn(Arc::new(Pool::new(queue.clone(), options.clone())).run(dispatcher.clone(), stopped.clone()));
     let mut pool = concurrent.then(start_pool);
 
+    let commits_before = queue.commits();
     let started = Instant::now();
     let batches: Vec<Vec<u8>> = (0..count)
         .collect::<Vec<_>>()
@@ -110,12 +111,18 @@ async fn run(count: usize, concurrent: bool) {
     }
     let depth = queue.depth("orders").await.unwrap();
     assert_eq!(depth.pending(), 0);
+    let commits = queue.commits();
+    let (transactions, commands) =
+        (commits.transactions - commits_before.transactions, commits.commands - commits_before.commands);
     let rate = |d: Duration| count as f64 / d.as_secs_f64();
     if concurrent {
         println!(
-            "embedded end-to-end, concurrent: {count} messages in {:.2}s = {:.0} msg/s",
+            "embedded end-to-end, concurrent: {count} messages in {:.2}s = {:.0} msg/s; \
+             queue: {transactions} transactions, {:.1} commands each, {:.2} per message",
             elapsed.as_secs_f64(),
-            rate(elapsed)
+            rate(elapsed),
+            commands as f64 / transactions.max(1) as f64,
+            transactions as f64 / count as f64
         );
     } else {
         let consumed_in = consume_started.elapsed();

@@ -458,6 +458,7 @@ impl Source for Pool {
     fn readings(self: Arc<Self>) -> BoxFuture<Vec<Reading>> {
         Box::pin(async move {
             let depth = self.queue.depth(&self.options.queue).await.unwrap_or_default();
+            let commits = self.queue.commits();
             vec![
                 Reading::gauge("queue_active_messages", "Messages visible in the queue.", depth.active),
                 Reading::gauge("queue_locked_messages", "Messages locked by a consumer.", depth.locked),
@@ -465,6 +466,16 @@ impl Source for Pool {
                     "queue_dead_lettered_messages",
                     "Messages in the dead-letter queue.",
                     depth.dead_lettered,
+                ),
+                Reading::counter(
+                    "queue_transactions_total",
+                    "Transactions the queue thread committed, each with every command that was waiting.",
+                    commits.transactions,
+                ),
+                Reading::counter(
+                    "queue_commands_total",
+                    "Queue commands (sends, receives, settles, ...) run in those transactions.",
+                    commits.commands,
                 ),
             ]
         })

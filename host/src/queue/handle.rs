@@ -14,6 +14,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -129,6 +130,23 @@ impl Command {
     }
 }
 
+/// What the queue thread has committed so far: how well commands share
+/// transactions, which is what a message's share of the queue thread's work
+/// (and so the embedded rate) depends on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Commits {
+    /// Transactions run, one per group of commands.
+    pub transactions: u64,
+    /// Commands run in them.
+    pub commands: u64,
+}
+
+#[derive(Default)]
+struct CommitCounters {
+    transactions: AtomicU64,
+    commands: AtomicU64,
+}
+
 /// A cheap, cloneable handle to the queue thread.
 #[derive(Clone)]
 pub struct QueueHandle {
@@ -137,6 +155,7 @@ pub struct QueueHandle {
     /// idle receivers need not poll.
     arrivals: Arc<Notify>,
     options: Arc<StoreOptions>,
+    commits: Arc<CommitCounters>,
 }
 
 impl QueueHandle {
@@ -147,10 +166,20 @@ impl QueueHandle {
         let (commands, rx) = mpsc::channel(4096);
         let arrivals = Arc::new(Notify::new());
         let notify = Arc::clone(&arrivals);
-        std::thread::Builder::new().name("queue-db".into()).spawn(move || run(db, rx, &notify)).map_err(|e| {
-            QueueError::Open { path: path.display().to_string(), detail: format!("cannot start thread: {e}") }
-        })?;
-        Ok(QueueHandle { commands, arrivals, options: Arc::new(options) })
+        let commits = Arc::new(CommitCounters::default());
+        let counters = Arc::clone(&commits);
+        std::thread::Builder::new().name("queue-db".into()).spawn(move || run(db, rx, &notify, &counters)).map_err(
+            |e| QueueError::Open { path: path.display().to_string(), detail: format!("cannot start thread: {e}") },
+        )?;
+        Ok(QueueHandle { commands, arrivals, options: Arc::new(options), commits })
+    }
+
+    /// Transactions committed and commands in them, since the queue was opened.
+    pub fn commits(&self) -> Commits {
+        Commits {
+            transactions: self.commits.transactions.load(Ordering::Relaxed),
+            commands: self.commits.commands.load(Ordering::Relaxed),
+        }
     }
 
     /// The options it was opened with (queue properties included).
@@ -288,7 +317,7 @@ fn commit(db: &mut Database, mut group: Vec<Command>, arrivals: &Notify) {
     }
 }
 
-fn run(mut db: Database, mut rx: mpsc::Receiver<Command>, arrivals: &Notify) {
+fn run(mut db: Database, mut rx: mpsc::Receiver<Command>, arrivals: &Notify, counters: &CommitCounters) {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -297,6 +326,9 @@ fn run(mut db: Database, mut rx: mpsc::Receiver<Command>, arrivals: &Notify) {
                 Err(_) => break,
             }
         }
+        // Counted before the answers go out, so a caller's next look includes them.
+        counters.transactions.fetch_add(1, Ordering::Relaxed);
+        counters.commands.fetch_add(group.len() as u64, Ordering::Relaxed);
         commit(&mut db, group, arrivals);
     }
     tracing::debug!(path = db.path(), "queue thread stopped");

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use db::Database;
-pub use handle::QueueHandle;
+pub use handle::{Commits, QueueHandle};
 
 /// One queue's entity properties, with Service Bus's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

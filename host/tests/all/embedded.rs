@@ -63,6 +63,12 @@ async fn the_pool_outlives_a_queue_it_cannot_read_for_a_while() {
     queue.send("orders", (5..10).map(order).collect()).await.unwrap();
     wait(Duration::from_secs(30), "the next five, after the queue came back", || completed() == 10).await;
     assert_eq!(pool.not_ready(), None, "ready again");
+    // `/metrics` says how well the queue's commands shared transactions.
+    let readings = Arc::clone(&pool).readings().await;
+    let reading = |name| wasm_pc::metrics::Reading::find(&readings, name).unwrap();
+    let (transactions, commands) = (reading("queue_transactions_total"), reading("queue_commands_total"));
+    assert!(commands >= 12, "two sends and ten settles at least: {commands}");
+    assert!((1..=commands).contains(&transactions), "{transactions} transactions for {commands} commands");
     let _ = stop.send(true);
     running.await.unwrap();
 }

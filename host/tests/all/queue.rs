@@ -223,6 +223,44 @@ async fn concurrent_sends_are_group_committed_and_all_land() {
     assert_eq!(ids.len(), 2000);
 }
 
+/// Commands that arrive while the queue thread is busy share its next
+/// transaction: the group commit that a message's share of the queue's
+/// work rests on, as `/metrics` counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_waiting_while_the_queue_is_busy_share_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let queue = QueueHandle::open(&path, StoreOptions::default()).unwrap();
+    queue.depth("q").await.unwrap();
+    let before = queue.commits();
+    // Another connection holds the write lock, so the queue thread's next
+    // transaction waits for it (the busy timeout) and what is sent
+    // meanwhile waits behind that one.
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    let mut sends: Vec<_> = (0..50).map(|i| Box::pin(queue.send("q", vec![msg(&format!("m{i}"))]))).collect();
+    // One poll each puts every command in the channel (it has room); none
+    // can be answered while the lock is held.
+    std::future::poll_fn(|cx| {
+        for send in &mut sends {
+            assert!(send.as_mut().poll(cx).is_pending());
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+    holder.execute_batch("COMMIT;").unwrap();
+    for send in sends {
+        send.await.unwrap();
+    }
+    let after = queue.commits();
+    assert_eq!(after.commands - before.commands, 50);
+    // All 50 together, or the one the thread took first and then the other
+    // 49 together.
+    let transactions = after.transactions - before.transactions;
+    assert!((1..=2).contains(&transactions), "{before:?} -> {after:?}");
+    assert_eq!(queue.depth("q").await.unwrap().active, 50);
+}
+
 #[test]
 fn a_full_database_refuses_sends_clearly_and_keeps_what_it_has() {
     let dir = tempfile::tempdir().unwrap();
