@@ -596,10 +596,11 @@ fn queue_exists(rabbit: &Rabbit, queue: &str) -> bool {
 /// The drain rate of a prefilled queue behind a real daprd, one consumer
 /// at a time, interleaved: (a) a null native app that only answers 200, (b)
 /// the same app busy for 60 us per delivery (what a slower app costs daprd),
-/// (c) the host with the sample consumer and a fresh instance per message,
-/// with nothing made ahead and (d) as by default, (e) as by default on one
-/// worker thread, (f) the host with instance reuse. 1 KiB orders;
-/// `cargo xtask bench-e2e`.
+/// (c) a native app doing the sample consumer's work (decoding the delivery,
+/// parsing and pricing the order), (d) the host with the sample consumer and
+/// a fresh instance per message, with nothing made ahead and (e) as by
+/// default, (f) as by default on one worker thread, (g) the host with
+/// instance reuse. 1 KiB orders; `cargo xtask bench-e2e`.
 #[test]
 #[ignore = "a benchmark; run with cargo xtask bench-e2e"]
 fn throughput_drain_behind_the_real_sidecar() {
@@ -615,18 +616,19 @@ fn throughput_drain_behind_the_real_sidecar() {
     let customer = "c".repeat(900);
 
     enum Consumer {
-        Native { busy: Duration },
+        Native(NativeWork),
         Host(&'static [&'static str]),
     }
     let variants = [
-        ("null native app (200)", Consumer::Native { busy: Duration::ZERO }),
-        ("native app, busy 60us", Consumer::Native { busy: Duration::from_micros(60) }),
+        ("null native app (200)", Consumer::Native(NativeWork::Spin(Duration::ZERO))),
+        ("native app, busy 60us", Consumer::Native(NativeWork::Spin(Duration::from_micros(60)))),
+        ("native app, the order logic", Consumer::Native(NativeWork::Orders)),
         ("wasm-pc, fresh, none ahead", Consumer::Host(&["--prepared-instances", "0"])),
         ("wasm-pc, fresh instances", Consumer::Host(&[])),
         ("wasm-pc, fresh, 1 thread", Consumer::Host(&["--worker-threads", "1"])),
         ("wasm-pc, reuse 100", Consumer::Host(&["--instance-reuse", "100"])),
     ];
-    let mut best = [0f64; 6];
+    let mut best = [0f64; 7];
     for round in 0..ROUNDS {
         for (v, (name, consumer)) in variants.iter().enumerate() {
             let ids = (0..MESSAGES).map(|i| format!("d{round}-{v}-{i}"));
@@ -637,7 +639,7 @@ fn throughput_drain_behind_the_real_sidecar() {
             }
             rabbit.wait_for_depth("drain", MESSAGES, Duration::from_secs(60));
             let (rate, cpu) = match consumer {
-                Consumer::Native { busy } => drain_native_app(&daprd, root, MESSAGES, *busy),
+                Consumer::Native(work) => drain_native_app(&daprd, root, MESSAGES, *work),
                 Consumer::Host(args) => {
                     let mut app = App::start(&daprd, "consumer", root, args);
                     let pids = [app.daprd.as_ref().unwrap().id(), app.host.as_ref().unwrap().child.id()];
@@ -699,12 +701,52 @@ fn drain_rate(count: usize, mut done: impl FnMut() -> usize) -> f64 {
     }
 }
 
-/// Drains the queue into an app that answers every delivery 200 after
-/// `busy` (spinning, as work would): on the host's own HTTP server, so only
-/// the work differs.
+/// What a native app does with a delivery before it answers 200.
+#[derive(Clone, Copy)]
+enum NativeWork {
+    /// Spins this long, as work would, without reading the body.
+    Spin(Duration),
+    /// The sample consumer's work, compiled natively: reads the body,
+    /// decodes the delivery as the host does, parses and prices the order
+    /// (`guest-orders`); anything that fails is answered 500.
+    Orders,
+}
+
+impl NativeWork {
+    async fn answer(self, request: hyper::Request<hyper::body::Incoming>) -> hyper::StatusCode {
+        use http_body_util::BodyExt;
+
+        match self {
+            NativeWork::Spin(busy) => {
+                let started = Instant::now();
+                while started.elapsed() < busy {
+                    std::hint::spin_loop();
+                }
+                hyper::StatusCode::OK
+            }
+            NativeWork::Orders => {
+                let (parts, body) = request.into_parts();
+                let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+                    return hyper::StatusCode::BAD_REQUEST;
+                };
+                let headers = parts.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+                let priced = wasm_pc::dapr::codec::decode_delivery(headers, &body)
+                    .ok()
+                    .and_then(|delivery| guest_orders::Order::parse(&delivery.body).ok()?.total_cents());
+                match priced {
+                    Some(_) => hyper::StatusCode::OK,
+                    None => hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                }
+            }
+        }
+    }
+}
+
+/// Drains the queue into a native app that answers every delivery after
+/// doing `work`: on the host's own HTTP server, so only the work differs.
 /// Returns the rate and the CPU seconds daprd and the app (this process:
 /// the app's server and the polling) used meanwhile.
-fn drain_native_app(daprd: &Path, root: &Path, count: usize, busy: Duration) -> (f64, [f64; 2]) {
+fn drain_native_app(daprd: &Path, root: &Path, count: usize, work: NativeWork) -> (f64, [f64; 2]) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -719,14 +761,17 @@ fn drain_native_app(daprd: &Path, root: &Path, count: usize, busy: Duration) -> 
             let handler = move |request: hyper::Request<hyper::body::Incoming>| {
                 let answered = Arc::clone(&answered);
                 async move {
+                    let mut status = hyper::StatusCode::OK;
                     if request.method() == hyper::Method::POST {
-                        let started = Instant::now();
-                        while started.elapsed() < busy {
-                            std::hint::spin_loop();
+                        status = work.answer(request).await;
+                        if status == hyper::StatusCode::OK {
+                            answered.fetch_add(1, Ordering::Relaxed);
                         }
-                        answered.fetch_add(1, Ordering::Relaxed);
                     }
-                    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                    let mut response =
+                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")));
+                    *response.status_mut() = status;
+                    response
                 }
             };
             let serve = wasm_pc::http::serve(listener, handler, stopped, Duration::from_secs(1), Default::default());
