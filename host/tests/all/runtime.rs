@@ -608,6 +608,25 @@ async fn work_ahead_waits_until_the_invoking_task_yields() {
 }
 
 #[tokio::test]
+async fn work_ahead_lets_the_workers_other_ready_tasks_go_first() {
+    // Under load the next delivery is already waiting: it must not wait
+    // behind the last one's work ahead.
+    let rt = runtime_with(small_limits());
+    let module = Arc::new(rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap());
+    wait_for_work_ahead(&rt, &module).await;
+    let outcome = rt.consume(&module, &message("m", b"count"), Arc::new(NoOutbound)).await;
+    assert_eq!(retry_reason(outcome), "calls=1");
+    // Ready now, after the job: on this executor it runs once the job has
+    // let it by.
+    let next = tokio::spawn({
+        let module = Arc::clone(&module);
+        async move { module.prepared_instances() }
+    });
+    assert_eq!(next.await.unwrap(), 1, "the work-ahead job ran before a task that was ready");
+    wait_for_prepared(&module, 2).await;
+}
+
+#[tokio::test]
 async fn an_invocation_finishing_while_work_ahead_is_pending_still_hands_its_work_over() {
     let rt = runtime_with(small_limits());
     let module = rt.load_consumer(ModuleSpec::new("faulty", guests::bytes("faulty"))).unwrap();
