@@ -16,10 +16,13 @@ use crate::process::free_port;
 
 /// Writes `bytes` on a new connection (then closes our side if `half_close`)
 /// and returns whatever came back within `within`: empty if nothing did.
+/// The host may answer and close before it has read all of `bytes` (a
+/// header section over its cap), so a write that breaks off is no failure:
+/// what came back says what the host did.
 async fn exchange(port: u16, bytes: &[u8], half_close: bool, within: Duration) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream.write_all(bytes).await.unwrap();
-    if half_close {
+    let written = stream.write_all(bytes).await;
+    if written.is_ok() && half_close {
         stream.shutdown().await.unwrap();
     }
     let mut answer = Vec::new();
