@@ -135,7 +135,8 @@ impl Command {
 /// (and so the embedded rate) depends on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Commits {
-    /// Transactions run, one per group of commands.
+    /// Transactions committed, each with a group of commands (one rolled
+    /// back by a full disk and run again without its sends counts once).
     pub transactions: u64,
     /// Commands run in them.
     pub commands: u64,
@@ -267,7 +268,7 @@ impl QueueHandle {
 /// database is full, SQLite rolls the whole transaction back: the commands
 /// that add data fail with that error, and the rest (settles, receives,
 /// renewals, which free space or need none) run again without them.
-fn commit(db: &mut Database, mut group: Vec<Command>, arrivals: &Notify) {
+fn commit(db: &mut Database, mut group: Vec<Command>, arrivals: &Notify, counters: &CommitCounters) {
     loop {
         let added = group.iter().any(Command::adds);
         let result = db.write(|ops| {
@@ -287,6 +288,10 @@ fn commit(db: &mut Database, mut group: Vec<Command>, arrivals: &Notify) {
         });
         match result {
             Ok(outcomes) => {
+                // Counted before the answers go out, so a caller's next look
+                // includes them.
+                counters.transactions.fetch_add(1, Ordering::Relaxed);
+                counters.commands.fetch_add(group.len() as u64, Ordering::Relaxed);
                 for (command, outcome) in group.into_iter().zip(outcomes) {
                     command.answer(outcome);
                 }
@@ -326,10 +331,7 @@ fn run(mut db: Database, mut rx: mpsc::Receiver<Command>, arrivals: &Notify, cou
                 Err(_) => break,
             }
         }
-        // Counted before the answers go out, so a caller's next look includes them.
-        counters.transactions.fetch_add(1, Ordering::Relaxed);
-        counters.commands.fetch_add(group.len() as u64, Ordering::Relaxed);
-        commit(&mut db, group, arrivals);
+        commit(&mut db, group, arrivals, counters);
     }
     tracing::debug!(path = db.path(), "queue thread stopped");
 }

@@ -518,6 +518,7 @@ async fn a_full_database_still_settles_what_shares_a_group_with_refused_sends() 
     }
     let locked = queue.receive_from("q", SubQueue::Active, stored, ReceiveMode::PeekLock).await.unwrap();
     assert_eq!(locked.len(), stored);
+    let before = queue.commits();
 
     // Settles and sends that cannot fit, all at once, so they share groups.
     let mut settles = Vec::new();
@@ -537,6 +538,10 @@ async fn a_full_database_still_settles_what_shares_a_group_with_refused_sends() 
         assert_eq!(settle.await.unwrap().unwrap(), Settled::Completed);
     }
     assert_eq!(queue.depth("q").await.unwrap(), Depth::default(), "every settle committed");
+    // What `/metrics` counts as committed: the settles and the depth, not
+    // the refused sends rolled back with them.
+    let after = queue.commits();
+    assert_eq!(after.commands - before.commands, stored as u64 + 1, "{before:?} -> {after:?}");
 }
 
 /// A message purged while it was being delivered is gone, not "redelivered
